@@ -1,0 +1,45 @@
+"""`serve launch ...`: the command line. Problems the user can fix print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from serve.config import ConfigError, apply_overrides, load_config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serve", description="A compact LLM server: a ZeroMQ pipeline behind an OpenAI API.")
+    sub = p.add_subparsers(dest="command", required=True)
+    launch = sub.add_parser("launch", help="start a server")
+    launch.add_argument("--config", help="YAML config file (see configs/)")
+    launch.add_argument("--model", help="a Hugging Face folder or a .gguf file (overrides model.path)")
+    launch.add_argument("--served-name", help="the model name clients use (overrides model.served_name)")
+    launch.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    launch.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    launch.add_argument("--port", type=int)
+    launch.add_argument("--tp", type=int, help="tensor-parallel ranks (worker processes)")
+    launch.add_argument("--kv-pool-tokens", type=int)
+    launch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        apply_overrides(config, {
+            "model.path": args.model, "model.served_name": args.served_name, "model.dtype": args.dtype,
+            "server.host": args.host, "server.port": args.port, "engine.tp": args.tp,
+            "engine.kv_pool_tokens": args.kv_pool_tokens, "server.log_level": args.log_level,
+        })
+        from serve.launch import run
+
+        return run(config)
+    except ConfigError as e:
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Configuration: YAML files mapped onto dataclasses, with CLI flags overriding single fields.
+
+One `Config` object is built by the launcher and handed to every child process; nothing looks
+configuration up from globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A problem the user can fix; the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face folder, a .gguf file, or "package:<python package>/<file>" for weights
+    # shipped inside an installed Python package (the default SmolLM2 comes that way).
+    path: str = ""
+    # The name clients pass as "model"; defaults to the folder or file name.
+    served_name: str = ""
+    # auto | float32 | bfloat16 | float16 (auto: bfloat16 where the hardware has it natively).
+    dtype: str = "auto"
+
+
+@dataclass
+class EngineConfig:
+    tp: int = 1
+    # KV pool size in tokens, shared by all running requests.
+    kv_pool_tokens: int = 32768
+    max_running_requests: int = 64
+    # 0 means the model's own context length.
+    max_model_len: int = 0
+    # Upper bound on prompt tokens prefilled in one step.
+    max_prefill_tokens: int = 4096
+    # Seconds the launcher waits for every child to report ready (model loading included).
+    startup_timeout_s: float = 600.0
+    # Worker threads per rank; 0 means cores / tp.
+    threads_per_rank: int = 0
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    # How long a stop waits for children to exit before killing them.
+    shutdown_timeout_s: float = 5.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
+            f"valid keys under {where.rstrip('.') or 'the top level'}: {', '.join(known)}"
+        )
+    values = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value or {}, f"{where}{name}.")
+        else:
+            values[name] = _coerce(value, type(default), f"{where}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: type, name: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {name} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_config(path: str | None) -> Config:
+    if path is None:
+        return Config()
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path} not found; pass --config with a YAML file such as configs/smollm2-135m-instruct.yaml")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return _build(Config, data, "")
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """Set dotted fields ("engine.tp") from CLI flags; None means the flag was not given."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, name = dotted.split(".")
+        setattr(getattr(config, section), name, value)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16, got {config.model.dtype!r}")
+    if config.engine.tp < 1:
+        raise ConfigError(f"engine.tp must be at least 1, got {config.engine.tp}")
+    if config.engine.max_running_requests < 1 or config.engine.kv_pool_tokens < 16:
+        raise ConfigError("engine.max_running_requests must be >= 1 and engine.kv_pool_tokens >= 16")
+    if not config.model.path:
+        raise ConfigError("no model given: set model.path in the config or pass --model PATH")

@@ -1,0 +1,192 @@
+"""The launcher: owns the config, the ipc directory and every child process.
+
+It starts the children with `spawn`, waits until each reports ready (or names the one that failed),
+then watches them. Any child dying stops the server with a non-zero exit; SIGINT/SIGTERM stop it
+cleanly with exit code 0. Either way every child is gone and the ipc directory removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket as pysocket
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from typing import Callable
+
+import zmq
+
+from serve.config import Config, ConfigError
+from serve.ipc import Endpoints, make_ipc_dir, recv, socket
+from serve.messages import Ready, StartupFailed
+from serve.model_files import ModelInfo, resolve_model
+from serve.proc import child_main
+
+log = logging.getLogger("serve.launcher")
+
+
+class StartupError(Exception):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    process: BaseProcess
+    ready: Ready | None = None
+
+
+def _children(config: Config) -> list[tuple[str, Callable]]:
+    from serve.api.main import main as api
+    from serve.detokenizer.main import main as detokenizer
+    from serve.scheduler.main import main as scheduler
+    from serve.tokenizer.main import main as tokenizer
+    from serve.worker.main import main as worker
+
+    workers = [(f"worker-{rank}", worker, rank) for rank in range(config.engine.tp)]
+    return [("scheduler", scheduler), *workers, ("tokenizer", tokenizer), ("detokenizer", detokenizer), ("api", api)]
+
+
+def check_port(host: str, port: int) -> None:
+    with pysocket.socket(pysocket.AF_INET6 if ":" in host else pysocket.AF_INET) as s:
+        s.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pass --port with a free port") from None
+
+
+class Launcher:
+    def __init__(self, config: Config, model: ModelInfo) -> None:
+        self.config, self.model = config, model
+        self.eps = Endpoints(make_ipc_dir())
+        self.ctx = zmq.Context()
+        self.inbox = socket(self.ctx, zmq.PULL, self.eps.launcher, bind=True)
+        self.children: list[Child] = []
+        self.stopping = False
+        # Signals only write a byte here; the poll loop below wakes on it.
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.stopping = True
+
+    def start(self) -> None:
+        spawn = mp.get_context("spawn")
+        lvl = self.config.server.log_level
+        for name, target, *extra in _children(self.config):
+            proc = spawn.Process(
+                target=child_main, name=f"serve:{name}",
+                args=(name, lvl, self.eps.launcher, target, self.config, self.model, self.eps, *extra),
+            )
+            proc.start()
+            self.children.append(Child(name, proc))
+
+    def _poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        for child in self.children:
+            poller.register(child.process.sentinel, zmq.POLLIN)
+        return poller
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.engine.startup_timeout_s
+        poller = self._poller()
+        while not all(c.ready for c in self.children):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waiting = ", ".join(c.name for c in self.children if not c.ready)
+                raise StartupError(f"timed out after {self.config.engine.startup_timeout_s:.0f}s waiting for: {waiting}")
+            events = dict(poller.poll(int(left * 1000)))
+            self._drain_wakeups(events)
+            if self.stopping:
+                raise StartupError("interrupted during start-up")
+            while self.inbox.poll(0):
+                msg = recv(self.inbox)
+                if isinstance(msg, StartupFailed):
+                    raise StartupError(f"{msg.name} failed to start: {msg.error}")
+                if isinstance(msg, Ready):
+                    next(c for c in self.children if c.name == msg.name).ready = msg
+            for child in self.children:
+                if not child.ready and child.process.exitcode is not None:
+                    raise StartupError(f"{child.name} exited with code {child.process.exitcode} during start-up")
+
+    def _drain_wakeups(self, events: dict) -> None:
+        if self.wake_r in events:
+            try:
+                os.read(self.wake_r, 512)
+            except BlockingIOError:
+                pass
+
+    def banner(self) -> str:
+        lines = [f"serve: {self.model.served_name} from {self.model.hf_dir} (context {self.model.max_model_len})"]
+        for c in self.children:
+            info = " ".join(f"{k}={v}" for k, v in (c.ready.info if c.ready else {}).items())
+            lines.append(f"  serve:{c.name:<12} pid {c.process.pid:<7} {info}")
+        lines.append(f"  ipc: {self.eps.ipc_dir}")
+        lines.append(f"ready: http://{self.config.server.host}:{self.config.server.port}/v1")
+        return "\n".join(lines)
+
+    def supervise(self) -> int:
+        """Block until a signal (exit 0) or a child's death (exit 1)."""
+        poller = self._poller()
+        while not self.stopping:
+            events = dict(poller.poll())
+            self._drain_wakeups(events)
+            for child in self.children:
+                if child.process.exitcode is not None:
+                    log.error("%s (pid %d) died with exit code %s; stopping the server",
+                              child.name, child.process.pid, child.process.exitcode)
+                    return 1
+        log.info("stopping")
+        return 0
+
+    def stop(self) -> None:
+        # The api goes first so no new request arrives while the rest stop.
+        order = sorted(self.children, key=lambda c: c.name != "api")
+        for child in order:
+            if child.process.is_alive():
+                child.process.terminate()
+        deadline = time.monotonic() + self.config.server.shutdown_timeout_s
+        for child in order:
+            child.process.join(max(0.0, deadline - time.monotonic()))
+            if child.process.is_alive():
+                log.warning("%s did not stop in time; killing it", child.name)
+                child.process.kill()
+                child.process.join()
+        self.inbox.close()
+        self.ctx.term()
+        shutil.rmtree(self.eps.ipc_dir, ignore_errors=True)
+
+
+def run(config: Config) -> int:
+    logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s [launcher] %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle("serve:launcher")
+    except ImportError:
+        pass
+    check_port(config.server.host, config.server.port)
+    model = resolve_model(config, log=log.info)
+    launcher = Launcher(config, model)
+    try:
+        launcher.start()
+        try:
+            launcher.wait_ready()
+        except StartupError as e:
+            log.error("%s", e)
+            return 0 if launcher.stopping else 1
+        print(launcher.banner(), flush=True)
+        return launcher.supervise()
+    finally:
+        launcher.stop()

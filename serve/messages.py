@@ -1,0 +1,234 @@
+"""Every message that crosses a ZeroMQ socket, and the one MessagePack codec for all of them.
+
+A message travels as `[tag, field0, field1, ...]`; nested dataclasses travel as plain lists the same
+way. No pickle: decoding only ever builds the dataclasses registered here.
+Batch messages are columnar (lists per field), not one message per token per request.
+Fields ending in `_ns` carry `time.monotonic_ns()` at send time, one clock for every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+_REGISTRY: dict[int, type] = {}
+_TAGS: dict[type, int] = {}
+
+
+def message(tag: int):
+    def register(cls: type) -> type:
+        cls = dataclass(cls)
+        assert tag not in _REGISTRY, f"duplicate message tag {tag}"
+        _REGISTRY[tag] = cls
+        _TAGS[cls] = tag
+        return cls
+
+    return register
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+
+
+# --- api -> tokenizer -> scheduler -------------------------------------------------------------
+
+
+@message(1)
+class GenerateRequest:
+    rid: str
+    prompt: str | None  # plain completion text, or
+    messages: list[dict] | None  # chat turns, rendered with the model's chat template, or
+    prompt_ids: list[int] | None  # already-tokenized input
+    max_tokens: int | None  # None: whatever the context has left
+    sampling: SamplingParams
+    sent_ns: int = 0
+
+
+@message(2)
+class TokenizedRequest:
+    rid: str
+    api_id: bytes  # ZeroMQ identity of the api process that holds the HTTP connection
+    input_ids: list[int]
+    sampling: SamplingParams
+    sent_ns: int = 0
+
+
+@message(3)
+class AbortRequest:
+    rid: str
+
+
+@message(4)
+class RequestError:
+    """Sent back to the api when a request cannot be served (validation); becomes a 4xx."""
+
+    rid: str
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+# --- scheduler <-> workers ---------------------------------------------------------------------
+
+
+@message(10)
+class StepPlan:
+    """One engine step, published to every TP rank.
+
+    Request i owns KV row `rows[i]`; its new tokens are `input_ids[offsets[i]:offsets[i+1]]`, at
+    positions starting at `starts[i]`, written to KV slots `slots[offsets[i]:offsets[i+1]]`.
+    Rows in `new_rows` start a request and bring its sampling parameters.
+    """
+
+    step: int
+    rows: list[int]
+    starts: list[int]
+    offsets: list[int]
+    input_ids: list[int]
+    slots: list[int]
+    new_rows: list[int] = field(default_factory=list)
+    new_sampling: list[SamplingParams] = field(default_factory=list)
+    sent_ns: int = 0
+
+
+@message(11)
+class StepResult:
+    step: int
+    token_ids: list[int]  # one sampled token per request of the plan, in plan order
+    sent_ns: int = 0
+
+
+@message(12)
+class Hello:
+    """Published until every rank answers, so no rank misses the first plan (PUB's slow joiner)."""
+
+    nonce: int
+
+
+@message(13)
+class HelloAck:
+    rank: int
+    nonce: int
+
+
+@message(14)
+class Shutdown:
+    reason: str = ""
+
+
+# --- scheduler -> detokenizer -> api -----------------------------------------------------------
+
+
+@message(20)
+class TokenBatch:
+    rids: list[str]
+    api_ids: list[bytes]
+    token_ids: list[int]  # one new token per request
+    finish_reasons: list[str | None]  # None while running, else "stop" or "length"
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    sent_ns: int = 0
+
+
+@message(21)
+class RequestOutput:
+    rid: str
+    text: str  # new text since the last output
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@message(22)
+class OutputBatch:
+    outputs: list[RequestOutput]
+    sent_ns: int = 0
+
+
+# --- control channel (REQ/REP) and launcher ----------------------------------------------------
+
+
+@message(30)
+class ControlRequest:
+    kind: str  # "ping" | "stats"
+
+
+@message(31)
+class ControlReply:
+    kind: str
+    data: dict[str, Any]
+
+
+@message(40)
+class Ready:
+    name: str
+    pid: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@message(41)
+class StartupFailed:
+    name: str
+    error: str
+
+
+# --- codec -------------------------------------------------------------------------------------
+
+
+def _to_wire(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return [_to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)]
+    if isinstance(value, list):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+_HINTS: dict[type, list[tuple[str, Any]]] = {}
+
+
+def _fields(cls: type) -> list[tuple[str, Any]]:
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+    return _HINTS[cls]
+
+
+def _from_wire(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(hint):
+        return hint(*(_from_wire(h, v) for (_, h), v in zip(_fields(hint), value)))
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if dataclasses.is_dataclass(item):
+            return [_from_wire(item, v) for v in value]
+        return value
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg):
+                return _from_wire(arg, value)
+    return value
+
+
+def encode(msg: Any) -> bytes:
+    return msgpack.packb([_TAGS[type(msg)], *_to_wire(msg)], use_bin_type=True)
+
+
+def decode(data: bytes) -> Any:
+    tag, *values = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    cls = _REGISTRY.get(tag)
+    if cls is None:
+        raise ValueError(f"unknown message tag {tag}")
+    return cls(*(_from_wire(h, v) for (_, h), v in zip(_fields(cls), values)))

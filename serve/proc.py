@@ -1,0 +1,96 @@
+"""What every child process does first: a title for `ps`, death with its parent, and a readiness report."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to kill us when the launcher dies, and watch the parent as a second line of defence
+    (the death signal follows the parent *thread*, and is not available off Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def setup_logging(name: str, level: str) -> logging.Logger:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s [{name}] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    return logging.getLogger(f"serve.{name}")
+
+
+class Reporter:
+    """Tells the launcher this child is ready, or why it failed to start."""
+
+    def __init__(self, name: str, endpoint: str) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self.sent_ready = False
+
+    def _send(self, msg: object) -> None:
+        import zmq
+
+        from serve.ipc import send, socket
+
+        ctx = zmq.Context.instance()
+        sock = socket(ctx, zmq.PUSH, self.endpoint, bind=False)
+        sock.setsockopt(zmq.LINGER, 2000)  # this one message must get out before we exit
+        send(sock, msg)
+        sock.close()
+
+    def ready(self, **info: Any) -> None:
+        from serve.messages import Ready
+
+        self._send(Ready(self.name, os.getpid(), info))
+        self.sent_ready = True
+
+    def failed(self, error: str) -> None:
+        from serve.messages import StartupFailed
+
+        self._send(StartupFailed(self.name, error))
+
+
+def child_main(name: str, log_level: str, launcher_endpoint: str, target: Callable[..., None], *args: Any) -> None:
+    """Entry point of every spawned child: `target(reporter, *args)` runs the process's loop."""
+    die_with_parent()
+    # Ctrl-C reaches the whole process group; the launcher alone decides how the server stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from setproctitle import setproctitle
+
+    setproctitle(f"serve:{name}")
+    log = setup_logging(name, log_level)
+    reporter = Reporter(name, launcher_endpoint)
+    try:
+        target(reporter, *args)
+    except Exception as e:
+        if not reporter.sent_ready:
+            reporter.failed(f"{type(e).__name__}: {e}")
+            log.debug("start-up failed:\n%s", traceback.format_exc())
+        else:
+            log.error("crashed:\n%s", traceback.format_exc())
+        sys.exit(1)

@@ -1,0 +1,87 @@
+"""The tokenizer process: turns api requests into token ids, checks them against the context, and
+forwards them to the scheduler. A request that cannot be served goes back to its api as a RequestError."""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+
+from serve.config import Config
+from serve.ipc import Endpoints, send, socket
+from serve.messages import AbortRequest, GenerateRequest, RequestError, TokenizedRequest, decode, encode
+from serve.model_files import ModelInfo
+from serve.proc import Reporter
+from serve.tokenizer.text import ChatTemplateError, TextTokenizer
+
+log = logging.getLogger("serve.tokenizer")
+
+
+class Invalid(Exception):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class Tokenize:
+    def __init__(self, tokenizer: TextTokenizer, max_model_len: int, pool_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        # A sequence must fit the context and the KV pool; the scheduler stops it at whichever is smaller.
+        self.limit = min(max_model_len, pool_tokens)
+
+    def __call__(self, req: GenerateRequest) -> list[int]:
+        if req.messages is not None:
+            try:
+                ids = self.tokenizer.apply_chat_template(req.messages)
+            except ChatTemplateError as e:
+                raise Invalid(str(e), "messages") from None
+        elif req.prompt_ids is not None:
+            bad = [t for t in req.prompt_ids if not 0 <= t < self.tokenizer.vocab_size]
+            if bad:
+                raise Invalid(f"token id {bad[0]} is outside the vocabulary (0..{self.tokenizer.vocab_size - 1})", "prompt")
+            ids = list(req.prompt_ids)
+        else:
+            ids = self.tokenizer.encode(req.prompt or "")
+        if not ids:
+            raise Invalid("the prompt is empty", "prompt")
+        n = len(ids)
+        if n >= self.limit:
+            raise Invalid(
+                f"this model's maximum context length is {self.limit} tokens, and your prompt has {n} tokens, "
+                "leaving no room for a completion; shorten the prompt",
+                "messages" if req.messages is not None else "prompt", "context_length_exceeded",
+            )
+        if req.max_tokens is None:
+            req.sampling.max_new_tokens = self.limit - n
+        elif n + req.max_tokens > self.limit:
+            raise Invalid(
+                f"this model's maximum context length is {self.limit} tokens; you requested {n + req.max_tokens} tokens "
+                f"({n} in the prompt, {req.max_tokens} for the completion); lower max_tokens or shorten the prompt",
+                "max_tokens", "context_length_exceeded",
+            )
+        else:
+            req.sampling.max_new_tokens = req.max_tokens
+        return ids
+
+
+def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -> None:
+    tokenize = Tokenize(TextTokenizer(model.hf_dir), model.max_model_len, config.engine.kv_pool_tokens)
+    ctx = zmq.Context.instance()
+    front = socket(ctx, zmq.ROUTER, eps.tokenizer, bind=True)
+    to_scheduler = socket(ctx, zmq.PUSH, eps.scheduler, bind=False)
+    reporter.ready()
+    while True:
+        api_id, payload = front.recv_multipart()
+        msg = decode(payload)
+        if isinstance(msg, AbortRequest):
+            send(to_scheduler, msg)
+            continue
+        if not isinstance(msg, GenerateRequest):
+            continue
+        try:
+            ids = tokenize(msg)
+        except Invalid as e:
+            front.send_multipart([api_id, encode(RequestError(msg.rid, 400, str(e), e.param, e.code))])
+            continue
+        send(to_scheduler, TokenizedRequest(msg.rid, api_id, ids, msg.sampling, msg.sent_ns))

@@ -1,0 +1,56 @@
+"""A worker process: one tensor-parallel rank. Receives every step plan over SUB, runs its shard, and
+(rank 0 only) pushes the sampled tokens back to the scheduler."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import zmq
+
+from serve.config import Config
+from serve.ipc import Endpoints, recv, send, socket
+from serve.messages import Hello, HelloAck, Shutdown, StepPlan, StepResult
+from serve.model_files import ModelInfo
+from serve.proc import Reporter
+
+log = logging.getLogger("serve.worker")
+
+
+def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoints, rank: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from serve.device import place
+    from serve.worker.engine import Engine
+    from serve.worker.model import Model
+
+    tp = config.engine.tp
+    threads = config.engine.threads_per_rank or max(1, (os.cpu_count() or 1) // tp)
+    torch.set_num_threads(threads)
+    placement = place(rank, config.model.dtype)
+    if tp > 1:
+        dist.init_process_group(placement.backend, init_method=eps.dist_init, rank=rank, world_size=tp)
+    started = time.monotonic()
+    model = Model(model_info.hf_dir, rank, tp, placement.dtype, placement.device)
+    engine = Engine(model, config.engine.kv_pool_tokens, config.engine.max_running_requests, model_info.max_model_len)
+    load_s = time.monotonic() - started
+
+    ctx = zmq.Context.instance()
+    plans = socket(ctx, zmq.SUB, eps.plan, bind=False)
+    results = socket(ctx, zmq.PUSH, eps.results, bind=False)
+    reporter.ready(
+        device=str(placement.device), dtype=str(placement.dtype).removeprefix("torch."), threads=threads,
+        load_s=round(load_s, 1), kv_mb=engine.kv_bytes() // 2**20,
+    )
+    while True:
+        msg = recv(plans)
+        if isinstance(msg, StepPlan):
+            tokens = engine.step(msg)
+            if rank == 0:
+                send(results, StepResult(msg.step, tokens, time.monotonic_ns()))
+        elif isinstance(msg, Hello):
+            send(results, HelloAck(rank, msg.nonce))
+        elif isinstance(msg, Shutdown):
+            break

@@ -1,0 +1,66 @@
+"""Per-request sampling inside a batched step: greedy, temperature, top-k, top-p, seed.
+
+Each request draws its randomness from its own generator, seeded by the request (or at random), so a
+seeded request gives the same text alone or in a busy batch. Sampling uses the exponential race
+(argmax of p / Exp(1) noise), which needs one noise vector per row and nothing batch-dependent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from serve.messages import SamplingParams
+
+
+@dataclass
+class RowSampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    generator: torch.Generator
+
+
+class Sampler:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rows: dict[int, RowSampling] = {}
+
+    def start(self, row: int, params: SamplingParams) -> None:
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        self.rows[row] = RowSampling(params.temperature, params.top_p, params.top_k, gen)
+
+    def sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """One token id per row of `logits` [B, V] (float32)."""
+        params = [self.rows[r] for r in rows]
+        greedy = logits.argmax(dim=-1)
+        if all(p.temperature <= 0 for p in params):
+            return greedy
+        V = logits.shape[1]
+        temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=logits.device)
+        x = logits / temps[:, None]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            x = self._truncate(x, params)
+        probs = torch.softmax(x, dim=-1)
+        noise = torch.stack([torch.empty(V, device=logits.device).exponential_(generator=p.generator) for p in params])
+        sampled = (probs / noise).argmax(dim=-1)
+        is_greedy = torch.tensor([p.temperature <= 0 for p in params], device=logits.device)
+        return torch.where(is_greedy, greedy, sampled)
+
+    @staticmethod
+    def _truncate(x: torch.Tensor, params: list[RowSampling]) -> torch.Tensor:
+        V = x.shape[1]
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        rank = torch.arange(V, device=x.device)[None, :]
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=x.device)
+        top_p = torch.tensor([p.top_p for p in params], device=x.device)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # Mass strictly before each token: the most likely token always survives.
+        before = probs.cumsum(dim=-1) - probs
+        drop = (rank >= top_k[:, None]) | (before > top_p[:, None])
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        return torch.empty_like(x).scatter_(1, order, sorted_x)
