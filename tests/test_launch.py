@@ -1,0 +1,91 @@
+"""Launching and stopping, as a user sees it: one-line errors with exit code 2, clean stops, nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import TINY_NAME
+from tests.server import Server, alive
+
+
+def launch(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serve.cli", "launch", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("serve: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_unknown_config_key(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  path: /nowhere\n  temprature: 1\n")
+    assert_one_line_error(launch("--config", str(cfg)), "model.temprature")
+
+
+def test_missing_model_file():
+    assert_one_line_error(launch("--model", "/nowhere/model.gguf"), "/nowhere/model.gguf", "--model")
+
+
+def test_unsupported_architecture(tmp_path, tiny_model):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(tiny_model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    assert_one_line_error(launch("--model", str(folder)), "gpt2", "supported")
+
+
+def test_port_in_use(tiny_model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert_one_line_error(launch("--model", str(tiny_model), "--port", str(port)), str(port))
+
+
+def test_child_failing_at_startup_is_named(tmp_path, tiny_model):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_model, folder)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    port = str(Server().port)
+    result = launch("--model", str(folder), "--port", port, timeout=120)
+    assert result.returncode == 1
+    assert "worker-0 failed to start" in result.stderr
+    left = subprocess.run(["pgrep", "-f", "serve:(api|tokenizer|scheduler|worker|detokenizer)"], capture_output=True, text=True)
+    assert left.stdout == ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_everything(tiny_model, sig):
+    with Server("--model", str(tiny_model), "--served-name", TINY_NAME) as server:
+        assert len(server.children) >= 5 and os.path.isdir(server.ipc_dir)
+        elapsed = server.stop(sig)
+        assert server.returncode == 0
+        assert elapsed < 10
+        assert not any(alive(p) for p in server.children)
+        assert not os.path.exists(server.ipc_dir)
+
+
+def test_tp2_gives_the_same_tokens_as_tp1(tiny_model):
+    prompts = ["The quick brown fox", "What is the capital of France?", "def add(a, b):"]
+
+    def run(tp: str) -> list[str]:
+        with Server("--model", str(tiny_model), "--served-name", TINY_NAME, "--tp", tp, "--dtype", "float32") as server:
+            titles = subprocess.run(["ps", "-o", "args=", "-p", ",".join(map(str, server.children))], capture_output=True, text=True).stdout
+            assert titles.count("serve:worker-") == int(tp)
+            client = server.client()
+            return [client.completions.create(model=TINY_NAME, prompt=p, max_tokens=32, temperature=0).choices[0].text for p in prompts]
+
+    assert run("2") == run("1")
