@@ -37,6 +37,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 # --- api -> tokenizer -> scheduler -------------------------------------------------------------

@@ -137,3 +137,9 @@ def test_context_error_gives_the_numbers(tiny_server):
         tiny_server.client().completions.create(model=TINY_NAME, prompt="a", max_tokens=1000)
     msg = e.value.body["message"]
     assert "512" in msg and "1000" in msg
+
+
+def test_ignore_eos_generates_exactly_max_tokens(tiny_server):
+    r = tiny_server.client().completions.create(model=TINY_NAME, prompt="Hello", max_tokens=40, temperature=0,
+                                                extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"

@@ -59,6 +59,7 @@ class _Sampling(_Base):
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
+    ignore_eos: bool = False  # vLLM/SGLang extension: generate exactly max_tokens (benchmarks)
 
 
 class TextPart(_Base):

@@ -33,7 +33,8 @@ def create_app(bridge: Bridge, model: ModelInfo) -> FastAPI:
     def sampling(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         if body.stop:
             raise APIError(400, "stop sequences are not supported yet", "stop")
-        return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), seed=body.seed)
+        return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), seed=body.seed,
+                              ignore_eos=body.ignore_eos)
 
     @app.get("/health")
     async def health() -> JSONResponse:

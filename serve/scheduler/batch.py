@@ -139,7 +139,7 @@ class Batcher:
                 continue
             req.output_ids.append(token)
             reason = None
-            if token in self.eos_ids:
+            if token in self.eos_ids and not req.sampling.ignore_eos:
                 reason = "stop"
             elif len(req.output_ids) >= req.sampling.max_new_tokens or req.seq_len >= self.max_len:
                 reason = "length"

@@ -1,0 +1,178 @@
+"""Benchmark: the engine alone, then the same engine served through the whole ZeroMQ pipeline.
+
+1. Engine-only decode step time at batch 1/8/32: one in-process Engine, no ZeroMQ, no HTTP.
+2. Served: a launched server, N concurrent streaming clients (1/8/32) over HTTP: TTFT, inter-token
+   latency (ITL), output tokens/s.
+3. The control plane's cost: served ITL / engine step at concurrency 1.
+Optionally (--hf) HF transformers' own decode loop on the same weights and dtype, for comparison.
+
+Prints a markdown table and saves everything as JSON (bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.server import Server  # noqa: E402  (the same launcher wrapper the tests use)
+
+CONFIG = str(ROOT / "configs" / "smollm2-135m-instruct.yaml")
+PROMPT_TOKENS = 64
+
+
+def model_dir() -> str:
+    from serve.config import load_config
+    from serve.model_files import resolve_model
+
+    return resolve_model(load_config(CONFIG)).hf_dir
+
+
+def engine_steps(folder: str, dtype_name: str, batches: list[int], steps: int) -> dict:
+    import torch
+
+    from serve.device import place
+    from serve.worker.engine import Engine
+    from serve.worker.model import Model
+    from serve.worker.offline import OfflineRunner
+
+    placement = place(0, dtype_name)
+    model = Model(folder, 0, 1, placement.dtype, placement.device)
+    results = {"dtype": str(placement.dtype).removeprefix("torch.")}
+    for B in batches:
+        max_len = PROMPT_TOKENS + steps + 16
+        engine = Engine(model, B * max_len, B, max_len)
+        runner = OfflineRunner(engine, max_len)
+        prompts = [[(7 * b + i) % 1000 + 100 for i in range(PROMPT_TOKENS)] for b in range(B)]
+        out = runner.generate(prompts, 4)  # prefill + warm-up
+        started = time.perf_counter()
+        for _ in range(steps):
+            out = [o + [t] for o, t in zip(out, engine.step(runner.decode_plan(prompts, out)))]
+        ms = (time.perf_counter() - started) / steps * 1000
+        results[str(B)] = {"step_ms": round(ms, 2), "tokens_per_s": round(B * 1000 / ms, 1)}
+        print(f"engine  batch {B:>2}: {ms:7.2f} ms/step  {B * 1000 / ms:7.1f} tokens/s", flush=True)
+        del engine
+    return results
+
+
+def hf_steps(folder: str, dtype_name: str, batches: list[int], steps: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    results = {}
+    for B in batches:
+        ids = torch.tensor([[(7 * b + i) % 1000 + 100 for i in range(PROMPT_TOKENS)] for b in range(B)])
+
+        def run(n: int) -> float:
+            started = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return time.perf_counter() - started
+
+        run(2)
+        ms = (run(steps + 1) - run(1)) / steps * 1000  # decode steps only: the prefill cancels out
+        results[str(B)] = {"step_ms": round(ms, 2), "tokens_per_s": round(B * 1000 / ms, 1)}
+        print(f"hf      batch {B:>2}: {ms:7.2f} ms/step  {B * 1000 / ms:7.1f} tokens/s", flush=True)
+    return results
+
+
+async def one_request(client, name: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    started = time.perf_counter()
+    stamps = []
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                if json.loads(line[6:])["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": stamps[0] - started, "itl": statistics.mean(gaps) if gaps else 0.0, "tokens": max_tokens,
+            "end": stamps[-1]}
+
+
+async def served_round(url: str, name: str, concurrency: int, requests_per_client: int, max_tokens: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await one_request(client, name, "warm up", 4)
+
+        async def worker(i: int) -> list[dict]:
+            out = []
+            for j in range(requests_per_client):
+                prompt = f"Request {i}.{j}: " + "tell me a long story about a lighthouse keeper " * 5
+                out.append(await one_request(client, name, prompt, max_tokens))
+            return out
+
+        started = time.perf_counter()
+        rows = [r for rs in await asyncio.gather(*(worker(i) for i in range(concurrency))) for r in rs]
+        wall = time.perf_counter() - started
+    ttft = sorted(r["ttft"] for r in rows)
+    itl = sorted(r["itl"] for r in rows)
+    return {
+        "requests": len(rows),
+        "ttft_ms_p50": round(statistics.median(ttft) * 1000, 1),
+        "ttft_ms_p90": round(ttft[int(0.9 * (len(ttft) - 1))] * 1000, 1),
+        "itl_ms_p50": round(statistics.median(itl) * 1000, 2),
+        "itl_ms_p90": round(itl[int(0.9 * (len(itl) - 1))] * 1000, 2),
+        "output_tokens_per_s": round(sum(r["tokens"] for r in rows) / wall, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--hf", action="store_true", help="also time HF transformers' decode loop (slow)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving.json"))
+    args = p.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    folder = model_dir()
+
+    report: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
+                                "python": platform.python_version()}, "model": "SmolLM2-135M-Instruct"}
+    report["engine"] = engine_steps(folder, args.dtype, levels, args.steps)
+    dtype = report["engine"]["dtype"]
+    if args.hf:
+        report["hf"] = hf_steps(folder, dtype, levels, max(8, args.steps // 3))
+    report["served"] = {}
+    with Server("--config", CONFIG, "--dtype", dtype) as server:
+        for c in levels:
+            rounds = max(2, 64 // (c * 4)) if c < 32 else 2
+            res = asyncio.run(served_round(server.url, "SmolLM2-135M-Instruct", c, rounds, args.max_tokens))
+            report["served"][str(c)] = res
+            print(f"served  conc. {c:>2}: {res}", flush=True)
+    if "1" in report["served"] and "1" in report["engine"]:
+        report["itl_over_engine_step_c1"] = round(report["served"]["1"]["itl_ms_p50"] / report["engine"]["1"]["step_ms"], 3)
+
+    print()
+    print(f"SmolLM2-135M-Instruct, {dtype}, {report['machine']['cores']} cores")
+    print("| batch / concurrency | engine step (ms) | engine tok/s | " + ("HF step (ms) | HF tok/s | " if args.hf else "")
+          + "served TTFT p50 (ms) | served ITL p50 (ms) | served tok/s |")
+    print("|---|---|---|" + ("---|---|" if args.hf else "") + "---|---|---|")
+    for c in levels:
+        e, s = report["engine"].get(str(c), {}), report["served"].get(str(c), {})
+        hf = report.get("hf", {}).get(str(c), {})
+        print(f"| {c} | {e.get('step_ms')} | {e.get('tokens_per_s')} | "
+              + (f"{hf.get('step_ms')} | {hf.get('tokens_per_s')} | " if args.hf else "")
+              + f"{s.get('ttft_ms_p50')} | {s.get('itl_ms_p50')} | {s.get('output_tokens_per_s')} |")
+    if "itl_over_engine_step_c1" in report:
+        print(f"\nserved ITL / engine step at concurrency 1: {report['itl_over_engine_step_c1']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
