@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 import subprocess
 
 import openai
@@ -143,3 +145,17 @@ def test_ignore_eos_generates_exactly_max_tokens(tiny_server):
     r = tiny_server.client().completions.create(model=TINY_NAME, prompt="Hello", max_tokens=40, temperature=0,
                                                 extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_server_uses_no_cpu(tiny_server):
+    pids = tiny_server.children + [tiny_server.proc.pid]
+    time.sleep(0.5)  # let the previous test's request settle
+    before = sum(_cpu_seconds(p) for p in pids)
+    time.sleep(3.0)
+    used = sum(_cpu_seconds(p) for p in pids) - before
+    assert used < 0.15, f"an idle server burned {used:.2f} CPU seconds in 3 s: something busy-waits"
