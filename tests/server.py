@@ -51,7 +51,10 @@ class Server:
 
     def __enter__(self) -> Server:
         self.logfile = open(f"/tmp/serve-test-{self.port}.log", "w+b")
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", *self.args], stdout=self.logfile, stderr=subprocess.STDOUT)
+        # A session of its own, like a server started from a terminal: Ctrl-C can then be sent to its
+        # whole process group without reaching pytest.
+        self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", *self.args], stdout=self.logfile,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -71,12 +74,16 @@ class Server:
         self.logfile.seek(0)
         return self.logfile.read().decode(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
-        """Signal the launcher; returns the seconds until it and every child were gone."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0, group: bool = False) -> float:
+        """Signal the launcher (or, like Ctrl-C in a terminal, its whole process group); returns the
+        seconds until it and every child were gone."""
         assert self.proc is not None
         started = time.monotonic()
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
         try:
             self.returncode = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -67,11 +67,11 @@ def test_child_failing_at_startup_is_named(tmp_path, tiny_model):
     assert left.stdout == ""
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_stops_everything(tiny_model, sig):
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_stops_everything(tiny_model, sig, group):
     with Server("--model", str(tiny_model), "--served-name", TINY_NAME) as server:
         assert len(server.children) >= 5 and os.path.isdir(server.ipc_dir)
-        elapsed = server.stop(sig)
+        elapsed = server.stop(sig, group=group)
         assert server.returncode == 0
         assert elapsed < 10
         assert not any(alive(p) for p in server.children)

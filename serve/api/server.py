@@ -90,16 +90,20 @@ def create_app(bridge: Bridge, model: ModelInfo) -> FastAPI:
         return shape.final(text, last)
 
     async def sse(shape, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
-        for chunk in shape.head():
-            yield f"data: {json.dumps(chunk)}\n\n"
-        out = first
-        while True:
-            if out.text or out.finish_reason:
-                yield f"data: {json.dumps(shape.chunk(out.text, out.finish_reason))}\n\n"
-            if out.finish_reason is not None:
-                break
-            out = await anext(outputs)
-        yield "data: [DONE]\n\n"
+        try:
+            for chunk in shape.head():
+                yield f"data: {json.dumps(chunk)}\n\n"
+            out = first
+            while True:
+                if out.text or out.finish_reason:
+                    yield f"data: {json.dumps(shape.chunk(out.text, out.finish_reason))}\n\n"
+                if out.finish_reason is not None:
+                    break
+                out = await anext(outputs)
+            yield "data: [DONE]\n\n"
+        finally:
+            # A client that went away mid-stream lands here too: closing `outputs` aborts the request.
+            await outputs.aclose()
 
     return app
 
