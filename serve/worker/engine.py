@@ -67,6 +67,6 @@ class Engine:
             q_index = torch.tensor([plan.offsets[b] + min(j, lens[b] - 1) for b in range(B) for j in range(N)], device=dev)
             out_index = torch.tensor([b * N + j for b in range(B) for j in range(lens[b])], device=dev)
         last = torch.tensor(plan.offsets[1:], dtype=torch.int64, device=dev) - 1
-        cos = self.model.cos[positions].unsqueeze(1)
-        sin = self.model.sin[positions].unsqueeze(1)
+        cos = self.model.cos.index_select(0, positions).unsqueeze(1)
+        sin = self.model.sin.index_select(0, positions).unsqueeze(1)
         return AttentionMeta(slots, kv_table, mask, q_index, out_index, cos, sin, last)

@@ -146,6 +146,22 @@ class Weights:
         return t.to(device=self.device, dtype=self.dtype).contiguous()
 
 
+class Linear:
+    """y = x @ W.T + b. On CPU in float32 the weight is prepacked once into oneDNN's blocked layout:
+    measured here, that halves a batch-1 decode matmul (weights streamed from memory at ~22 GB/s instead
+    of ~12) and is still faster at batch 32. Elsewhere (CUDA, other dtypes) it is plain F.linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.bias = bias
+        self.packed = weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.packed else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class Layer:
     def __init__(self, w: Weights, args: ModelArgs, shard: Shard, i: int) -> None:
         p = f"model.layers.{i}."
@@ -155,16 +171,17 @@ class Layer:
         self.n_q = shard.q[1] - shard.q[0]
         self.n_kv = shard.kv[1] - shard.kv[0]
         a = p + "self_attn."
-        self.qkv = torch.cat([w.get(a + "q_proj.weight", q_rows), w.get(a + "k_proj.weight", kv_rows), w.get(a + "v_proj.weight", kv_rows)])
-        self.qkv_bias = None
+        qkv = torch.cat([w.get(a + "q_proj.weight", q_rows), w.get(a + "k_proj.weight", kv_rows), w.get(a + "v_proj.weight", kv_rows)])
+        qkv_bias = None
         if args.qkv_bias:
-            self.qkv_bias = torch.cat([w.get(a + "q_proj.bias", q_rows), w.get(a + "k_proj.bias", kv_rows), w.get(a + "v_proj.bias", kv_rows)])
+            qkv_bias = torch.cat([w.get(a + "q_proj.bias", q_rows), w.get(a + "k_proj.bias", kv_rows), w.get(a + "v_proj.bias", kv_rows)])
+        self.qkv = Linear(qkv, qkv_bias)
         self.q_norm = w.get(a + "q_norm.weight") if args.qk_norm else None
         self.k_norm = w.get(a + "k_norm.weight") if args.qk_norm else None
-        self.o = w.get(a + "o_proj.weight", cols=q_rows)
+        self.o = Linear(w.get(a + "o_proj.weight", cols=q_rows))
         m = p + "mlp."
-        self.gate_up = torch.cat([w.get(m + "gate_proj.weight", shard.mlp), w.get(m + "up_proj.weight", shard.mlp)])
-        self.down = w.get(m + "down_proj.weight", cols=shard.mlp)
+        self.gate_up = Linear(torch.cat([w.get(m + "gate_proj.weight", shard.mlp), w.get(m + "up_proj.weight", shard.mlp)]))
+        self.down = Linear(w.get(m + "down_proj.weight", cols=shard.mlp))
         self.in_norm = w.get(p + "input_layernorm.weight")
         self.post_norm = w.get(p + "post_attention_layernorm.weight")
 
@@ -181,7 +198,7 @@ class Model:
         self.layers = [Layer(w, args, shard, i) for i in range(args.num_layers)]
         self.norm = w.get("model.norm.weight")
         head = "model.embed_tokens.weight" if args.tie_word_embeddings or not w.has("lm_head.weight") else "lm_head.weight"
-        self.lm_head = w.get(head, rows=shard.vocab)
+        self.lm_head = Linear(w.get(head, rows=shard.vocab))
         inv_freq, scale = rope_inv_freq(args)
         pos = torch.arange(args.max_position_embeddings, dtype=torch.float32) * scale
         freqs = torch.outer(pos, inv_freq)
@@ -205,7 +222,7 @@ class Model:
         h = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = self._rms(h, layer.in_norm)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             qk, v = qkv.split([(n_q + n_kv) * d, n_kv * d], dim=-1)
             qk = qk.view(-1, n_q + n_kv, d)
             if layer.q_norm is not None:
@@ -217,12 +234,12 @@ class Model:
             k_cache[i].index_copy_(0, meta.slots, k)
             v_cache[i].index_copy_(0, meta.slots, v.view(-1, n_kv, d))
             attn = self._attention(q, k_cache[i], v_cache[i], meta)
-            h = h + self._all_reduce(F.linear(attn, layer.o))
+            h = h + self._all_reduce(layer.o(attn))
             x = self._rms(h, layer.post_norm)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + self._all_reduce(F.linear(F.silu(gate) * up, layer.down))
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + self._all_reduce(layer.down(F.silu(gate) * up))
         x = self._rms(h[meta.last], self.norm)
-        logits = F.linear(x, self.lm_head)
+        logits = self.lm_head(x)
         if self.tp > 1:
             logits = self._gather_vocab(logits)
         return logits
@@ -232,8 +249,9 @@ class Model:
         N = meta.mask.shape[2]
         d = self.args.head_dim
         # [B, L, kv, d] -> [B, kv, L, d]: each request's keys and values, gathered from the slot pool.
-        keys = k_cache[meta.kv_table].transpose(1, 2)
-        values = v_cache[meta.kv_table].transpose(1, 2)
+        flat = meta.kv_table.view(-1)  # index_select: half the cost of advanced indexing here
+        keys = k_cache.index_select(0, flat).view(B, L, self.n_kv, d).transpose(1, 2)
+        values = v_cache.index_select(0, flat).view(B, L, self.n_kv, d).transpose(1, 2)
         if meta.q_index is not None:
             q = q[meta.q_index]
         queries = q.view(B, N, self.n_q, d).transpose(1, 2)
