@@ -159,3 +159,22 @@ def test_idle_server_uses_no_cpu(tiny_server):
     time.sleep(3.0)
     used = sum(_cpu_seconds(p) for p in pids) - before
     assert used < 0.15, f"an idle server burned {used:.2f} CPU seconds in 3 s: something busy-waits"
+
+
+def test_client_that_leaves_mid_stream_aborts_its_request(tiny_server):
+    with tiny_server.http() as http:
+        before = http.get("/stats").json()["aborted"]
+        body = {"model": TINY_NAME, "prompt": "Hello", "max_tokens": 480, "stream": True, "ignore_eos": True}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+        # The connection is closed; the scheduler must drop the request and free its KV.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            stats = http.get("/stats").json()
+            if stats["aborted"] > before and stats["running"] == 0:
+                break
+            time.sleep(0.05)
+        assert stats["aborted"] == before + 1, stats
+        assert stats["running"] == 0 and stats["pool_tokens_used"] == 0, stats

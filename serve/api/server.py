@@ -43,6 +43,14 @@ def create_app(bridge: Bridge, model: ModelInfo) -> FastAPI:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/stats")
+    async def stats() -> JSONResponse:
+        """The scheduler's own numbers (running, waiting, KV pool use), asked over the control channel."""
+        data = await bridge.ask("stats", timeout_s=2.0)
+        if data is None:
+            raise APIError(503, "the scheduler did not answer in time", type="service_unavailable")
+        return JSONResponse(data)
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{

@@ -53,6 +53,7 @@ class Batcher:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # in admission order
         self.step_no = 0
+        self.preemptions = 0
 
     # --- arrivals and departures ---------------------------------------------------------------
 
@@ -119,6 +120,7 @@ class Batcher:
         self.running.remove(req)
         self._release(req)
         self.waiting.appendleft(req)
+        self.preemptions += 1
 
     def _plan(self, batch: list[Req], new_tokens: list[list[int]], starts: list[int]) -> StepPlan:
         offsets, ids, slots = [0], [], []
@@ -150,4 +152,4 @@ class Batcher:
         return news
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.running), "waiting": len(self.waiting), **self.pool.stats()}
+        return {"running": len(self.running), "waiting": len(self.waiting), "preemptions": self.preemptions, **self.pool.stats()}

@@ -37,6 +37,7 @@ class Scheduler:
         self.outputs = socket(ctx, zmq.PUSH, eps.detokenizer, bind=False)
         self.inflight: tuple[int, list[Req]] | None = None
         self.steps = 0
+        self.aborted = 0
         self.started = time.monotonic()
 
     def wait_for_workers(self) -> None:
@@ -81,6 +82,7 @@ class Scheduler:
         elif isinstance(msg, AbortRequest):
             req = self.batcher.abort(msg.rid)
             if req is not None:
+                self.aborted += 1
                 self._emit([Finished(req, -1, "abort")])
 
     def _on_result(self, msg: StepResult) -> None:
@@ -105,7 +107,7 @@ class Scheduler:
 
     def _on_control(self, msg: object) -> None:
         if isinstance(msg, ControlRequest) and msg.kind == "stats":
-            data = {**self.batcher.stats(), "steps": self.steps}
+            data = {**self.batcher.stats(), "steps": self.steps, "aborted": self.aborted}
         else:
             data = {"ok": True}
         send(self.control, ControlReply(getattr(msg, "kind", "?"), data))
