@@ -7,7 +7,9 @@ TP 2 must give what TP 1 gives, and 16 concurrent streams must each get what the
 from __future__ import annotations
 
 import asyncio
+import time
 import warnings
+from pathlib import Path
 
 import openai
 import pytest
@@ -32,6 +34,23 @@ def smollm2_dir() -> str:
     from serve.model_files import resolve_model
 
     return resolve_model(load_config(CONFIG)).hf_dir  # converts the GGUF once, then reads the cache
+
+
+def test_gguf_is_converted_once_then_cached(tmp_path, monkeypatch):
+    from serve.config import load_config
+    from serve.model_files import resolve_model
+
+    monkeypatch.setenv("SERVE_CACHE_DIR", str(tmp_path))
+    said: list[str] = []
+    first = resolve_model(load_config(CONFIG), log=said.append)
+    assert len(said) == 1 and "converting" in said[0]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in Path(first.hf_dir).iterdir()}
+    assert not list(tmp_path.glob("gguf/*.tmp*"))  # no half-written cache left behind
+    said.clear()
+    started = time.monotonic()
+    second = resolve_model(load_config(CONFIG), log=said.append)
+    assert second == first and said == []
+    assert time.monotonic() - started < 5
 
 
 def served(server: Server) -> list[str]:
