@@ -104,7 +104,7 @@ class Launcher:
             left = deadline - time.monotonic()
             if left <= 0:
                 waiting = ", ".join(c.name for c in self.children if not c.ready)
-                raise StartupError(f"timed out after {self.config.engine.startup_timeout_s:.0f}s waiting for: {waiting}")
+                raise StartupError(f"timed out after {self.config.engine.startup_timeout_s:g}s waiting for: {waiting}")
             events = dict(poller.poll(int(left * 1000)))
             self._drain_wakeups(events)
             if self.stopping:

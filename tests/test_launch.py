@@ -89,3 +89,13 @@ def test_tp2_gives_the_same_tokens_as_tp1(tiny_model):
             return [client.completions.create(model=TINY_NAME, prompt=p, max_tokens=32, temperature=0).choices[0].text for p in prompts]
 
     assert run("2") == run("1")
+
+
+def test_startup_timeout_names_who_was_not_ready(tmp_path, tiny_model):
+    cfg = tmp_path / "impatient.yaml"
+    cfg.write_text(f"model:\n  path: {tiny_model}\nengine:\n  startup_timeout_s: 0.2\n")
+    result = launch("--config", str(cfg), "--port", str(Server().port))
+    assert result.returncode == 1
+    assert "timed out after" in result.stderr and "waiting for:" in result.stderr and "worker-0" in result.stderr
+    left = subprocess.run(["pgrep", "-f", "serve:(api|tokenizer|scheduler|worker|detokenizer)"], capture_output=True, text=True)
+    assert left.stdout == ""
