@@ -69,12 +69,13 @@ def _gguf_architecture(path: Path) -> str:
 
 
 def gguf_to_hf(path: Path, log=print) -> Path:
-    arch = _gguf_architecture(path)
-    if arch not in _GGUF_ARCHS:
-        raise ConfigError(f"GGUF architecture {arch!r} in {path} is not supported; supported: {', '.join(_GGUF_ARCHS)}")
     dest = cache_root() / "gguf" / f"{path.stem}-{_file_digest(path)}"
     if (dest / "config.json").is_file():
         return dest
+    # Checked only before converting: GGUFReader parses every tensor's header (seconds).
+    arch = _gguf_architecture(path)
+    if arch not in _GGUF_ARCHS:
+        raise ConfigError(f"GGUF architecture {arch!r} in {path} is not supported; supported: {', '.join(_GGUF_ARCHS)}")
     log(f"converting {path.name} to safetensors once (cached in {dest}); this takes about half a minute")
     dest.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "serve.worker.convert", str(path), str(dest)], capture_output=True, text=True)
