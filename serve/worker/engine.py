@@ -19,14 +19,17 @@ class Engine:
         self.model = model
         dev, dt = model.device, model.dtype
         d = model.args.head_dim
-        self.k_cache = [torch.zeros(pool_tokens, model.n_kv, d, device=dev, dtype=dt) for _ in model.layers]
-        self.v_cache = [torch.zeros(pool_tokens, model.n_kv, d, device=dev, dtype=dt) for _ in model.layers]
+        # Per layer: keys then values, head-major (see AttentionMeta).
+        self.kv_cache = [torch.zeros(2 * model.n_kv, pool_tokens, d, device=dev, dtype=dt) for _ in model.layers]
+        self.kv_buf = torch.empty(0, d, device=dev, dtype=dt)
         self.req_to_token = torch.zeros(max_rows, max_len, dtype=torch.int64, device=dev)
+        # Row offset of each K/V head in a layer's cache viewed as [2kv*pool, d].
+        self.head_base = torch.arange(2 * model.n_kv, dtype=torch.int64, device=dev)[:, None] * pool_tokens
         self.sampler = Sampler(dev)
         self.device = dev
 
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+        return sum(t.numel() * t.element_size() for t in self.kv_cache)
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> list[int]:
@@ -34,7 +37,7 @@ class Engine:
             self.sampler.start(row, params)
         meta = self._meta(plan)
         ids = torch.tensor(plan.input_ids, dtype=torch.int64, device=self.device)
-        logits = self.model.forward(ids, meta, self.k_cache, self.v_cache)
+        logits = self.model.forward(ids, meta, self.kv_cache)
         # The only host sync of the step: the sampled ids.
         return self.sampler.sample(logits.float(), plan.rows).tolist()
 
@@ -42,31 +45,34 @@ class Engine:
         dev = self.device
         B = len(plan.rows)
         lens = [plan.offsets[i + 1] - plan.offsets[i] for i in range(B)]
-        N = max(lens)
+        ends = [s + n for s, n in zip(plan.starts, lens)]
+        N, L, T = max(lens), max(ends), plan.offsets[-1]
         rows = torch.tensor(plan.rows, dtype=torch.int64, device=dev)
-        starts = torch.tensor(plan.starts, dtype=torch.int64, device=dev)
         slots = torch.tensor(plan.slots, dtype=torch.int64, device=dev)
-        ends = starts + torch.tensor(lens, dtype=torch.int64, device=dev)
-        L = max(s + n for s, n in zip(plan.starts, lens))
         if N == 1:
-            positions = starts
-            self.req_to_token[rows, starts] = slots
+            positions = torch.tensor(plan.starts, dtype=torch.int64, device=dev)
+            self.req_to_token[rows, positions] = slots
         else:
             positions = torch.tensor([p for s, n in zip(plan.starts, lens) for p in range(s, s + n)], dtype=torch.int64, device=dev)
             token_rows = torch.repeat_interleave(rows, torch.tensor(lens, device=dev))
             self.req_to_token[token_rows, positions] = slots
-        kv_table = self.req_to_token[rows, :L]
+        gather = (self.head_base + self.req_to_token[rows, :L].view(1, -1)).view(-1)
+        if self.kv_buf.shape[0] < gather.shape[0]:
+            self.kv_buf = torch.empty(gather.shape[0], self.kv_buf.shape[1], device=dev, dtype=self.kv_buf.dtype)
         keys = torch.arange(L, device=dev)
+        ends_t = torch.tensor(ends, dtype=torch.int64, device=dev)
+        mask = bias = q_index = out_index = None
         if N == 1:
-            mask = (keys[None, :] < ends[:, None]).view(B, 1, 1, L)
-            q_index = out_index = None
+            # One query per request sees its whole sequence; the bias only hides other requests' padding.
+            if min(ends) < L:
+                bias = torch.zeros(B, L, dtype=self.model.dtype, device=dev).masked_fill_(keys[None, :] >= ends_t[:, None], float("-inf"))
+                bias = bias.view(1, B, 1, L).expand(self.model.n_kv, B, 1, L).reshape(-1, 1, L)
         else:
+            starts = torch.tensor(plan.starts, dtype=torch.int64, device=dev)
             q_pos = starts[:, None] + torch.arange(N, device=dev)[None, :]
-            mask = ((keys[None, None, :] <= q_pos[:, :, None]) & (keys[None, None, :] < ends[:, None, None])).unsqueeze(1)
+            mask = ((keys[None, None, :] <= q_pos[:, :, None]) & (keys[None, None, :] < ends_t[:, None, None])).unsqueeze(1)
             # Padded queries repeat the request's last token; their outputs are dropped by out_index.
             q_index = torch.tensor([plan.offsets[b] + min(j, lens[b] - 1) for b in range(B) for j in range(N)], device=dev)
             out_index = torch.tensor([b * N + j for b in range(B) for j in range(lens[b])], device=dev)
-        last = torch.tensor(plan.offsets[1:], dtype=torch.int64, device=dev) - 1
-        cos = self.model.cos.index_select(0, positions).unsqueeze(1)
-        sin = self.model.sin.index_select(0, positions).unsqueeze(1)
-        return AttentionMeta(slots, kv_table, mask, q_index, out_index, cos, sin, last)
+        last = None if T == B else torch.tensor(plan.offsets[1:], dtype=torch.int64, device=dev) - 1
+        return AttentionMeta(slots, gather, self.kv_buf[:gather.shape[0]], B, L, N, mask, bias, q_index, out_index, self.model.rope_at(positions), last)

@@ -90,16 +90,25 @@ def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
 
 @dataclass
 class AttentionMeta:
-    """Per-step view of the batch, built once and used by every layer."""
+    """Per-step view of the batch, built once by the engine and used by every layer.
+
+    A layer's KV cache is [2 * kv_heads, pool_tokens, head_dim]: keys then values, head-major, so that
+    the gathered K/V of one head is contiguous in L (measured: attention over it runs ~2x faster than
+    over the token-major [pool, heads, d] layout).
+    """
 
     slots: torch.Tensor  # [T] KV slot of each new token
-    kv_table: torch.Tensor  # [B, L] KV slots of each request's whole sequence (padded)
-    mask: torch.Tensor  # [B, 1, N, L] bool: which keys each padded query sees
+    gather: torch.Tensor  # [2*kv * B*L] rows of the cache viewed as [2*kv*pool, d]: every head of every request's sequence
+    kv_buf: torch.Tensor  # [2*kv * B*L, d] scratch the gather writes into (reused, so big gathers don't fault in fresh pages)
+    B: int
+    L: int  # keys per request, padded to the longest
+    N: int  # queries per request, padded to the longest
+    mask: torch.Tensor | None  # prefill (N > 1): [B, 1, N, L] bool, which keys each padded query sees
+    bias: torch.Tensor | None  # decode (N == 1): [kv*B, 1, L] additive, -inf on other requests' padding; None if none
     q_index: torch.Tensor | None  # [B*N] flat token index of each padded query; None when N == 1
     out_index: torch.Tensor | None  # [T] padded row of each real token; None when N == 1
-    cos: torch.Tensor  # [T, 1, head_dim]
-    sin: torch.Tensor
-    last: torch.Tensor  # [B] flat index of each request's last new token
+    rope: torch.Tensor  # RoPE rows of the new tokens' positions, from Model.rope_at
+    last: torch.Tensor | None  # [B] flat index of each request's last new token; None when that is every token
 
 
 class Shard:
@@ -162,22 +171,40 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+def pair_layout(t: torch.Tensor, d: int) -> torch.Tensor:
+    """Reorders each head's rows (or, for a [d] norm weight, its entries) from RoPE's half-split pairing
+    (i, i + d/2) to adjacent pairs (2i, 2i + 1), so that RoPE is one complex multiply.
+
+    Queries and keys get the same order, so their dot products, and so attention, are unchanged; values
+    and o_proj are untouched. Norm weights over the head dim are permuted alike.
+    """
+    half = torch.arange(d // 2)
+    order = torch.stack([half, half + d // 2], dim=1).flatten()
+    return t.view(-1, d, *t.shape[1:])[:, order].reshape(t.shape)
+
+
 class Layer:
     def __init__(self, w: Weights, args: ModelArgs, shard: Shard, i: int) -> None:
         p = f"model.layers.{i}."
         d = args.head_dim
         q_rows = (shard.q[0] * d, shard.q[1] * d)
         kv_rows = (shard.kv[0] * d, shard.kv[1] * d)
-        self.n_q = shard.q[1] - shard.q[0]
-        self.n_kv = shard.kv[1] - shard.kv[0]
         a = p + "self_attn."
-        qkv = torch.cat([w.get(a + "q_proj.weight", q_rows), w.get(a + "k_proj.weight", kv_rows), w.get(a + "v_proj.weight", kv_rows)])
+        # The 1/sqrt(d) attention scale is folded into the queries (their projection, or their norm when
+        # there is one), which is exact for power-of-two head dims and saves a scaling per layer.
+        scale = d ** -0.5
+        q, k, v = w.get(a + "q_proj.weight", q_rows), w.get(a + "k_proj.weight", kv_rows), w.get(a + "v_proj.weight", kv_rows)
+        q_scale = 1.0 if args.qk_norm else scale
+        qkv = torch.cat([pair_layout(q, d) * q_scale, pair_layout(k, d), v])
         qkv_bias = None
         if args.qkv_bias:
-            qkv_bias = torch.cat([w.get(a + "q_proj.bias", q_rows), w.get(a + "k_proj.bias", kv_rows), w.get(a + "v_proj.bias", kv_rows)])
+            q, k, v = w.get(a + "q_proj.bias", q_rows), w.get(a + "k_proj.bias", kv_rows), w.get(a + "v_proj.bias", kv_rows)
+            qkv_bias = torch.cat([pair_layout(q, d) * q_scale, pair_layout(k, d), v])
         self.qkv = Linear(qkv, qkv_bias)
-        self.q_norm = w.get(a + "q_norm.weight") if args.qk_norm else None
-        self.k_norm = w.get(a + "k_norm.weight") if args.qk_norm else None
+        self.q_norm = self.k_norm = None
+        if args.qk_norm:
+            self.q_norm = pair_layout(w.get(a + "q_norm.weight"), d) * scale
+            self.k_norm = pair_layout(w.get(a + "k_norm.weight"), d)
         self.o = Linear(w.get(a + "o_proj.weight", cols=q_rows))
         m = p + "mlp."
         self.gate_up = Linear(torch.cat([w.get(m + "gate_proj.weight", shard.mlp), w.get(m + "up_proj.weight", shard.mlp)]))
@@ -199,13 +226,39 @@ class Model:
         self.norm = w.get("model.norm.weight")
         head = "model.embed_tokens.weight" if args.tie_word_embeddings or not w.has("lm_head.weight") else "lm_head.weight"
         self.lm_head = Linear(w.get(head, rows=shard.vocab))
+        self.n_q, self.n_kv = shard.q[1] - shard.q[0], shard.kv[1] - shard.kv[0]
+        self.init_rope(complex_rope=dtype in (torch.float32, torch.float64))
+
+    def init_rope(self, complex_rope: bool) -> None:
+        """Per-position RoPE tables, for queries and keys in `pair_layout`.
+
+        In float32/64 the rotation is a complex multiply (one op, ~5x cheaper than the real-valued form).
+        Other dtypes have no usable complex type, so there it is x*cos + swap_pairs(x)*sin, with the
+        sign of sin folded in; both are the same products as transformers' x*cos + rotate_half(x)*sin.
+        """
+        args = self.args
         inv_freq, scale = rope_inv_freq(args)
         pos = torch.arange(args.max_position_embeddings, dtype=torch.float32) * scale
-        freqs = torch.outer(pos, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(device=device, dtype=dtype)
-        self.sin = emb.sin().to(device=device, dtype=dtype)
-        self.n_q, self.n_kv = shard.q[1] - shard.q[0], shard.kv[1] - shard.kv[0]
+        freqs = torch.outer(pos, inv_freq)  # [P, d/2]
+        cos, sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
+        self.complex_rope = complex_rope
+        if complex_rope:
+            self.rope_table = torch.complex(cos, sin).to(self.device)
+        else:
+            self.rope_table = torch.stack([cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(1)]).to(self.device)
+
+    def rope_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The RoPE rows for these positions, shaped to broadcast over [T, heads, ...]; goes into AttentionMeta."""
+        if self.complex_rope:
+            return self.rope_table.index_select(0, positions).unsqueeze(1)  # [T, 1, d/2]
+        return self.rope_table.index_select(1, positions).unsqueeze(2)  # [2, T, 1, d]: cos, signed sin
+
+    def _rope(self, x: torch.Tensor, rope: torch.Tensor, out: torch.Tensor) -> None:
+        pairs = x.unflatten(-1, (-1, 2))
+        if self.complex_rope:
+            torch.mul(torch.view_as_complex(pairs), rope, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        else:
+            torch.addcmul(x * rope[0], pairs.flip(-1).flatten(-2), rope[1], out=out)
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp > 1:
@@ -213,53 +266,60 @@ class Model:
         return x
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, weight.shape, weight, self.args.rms_norm_eps)
+        return torch.rms_norm(x, weight.shape, weight, self.args.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMeta, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> torch.Tensor:
-        """Logits [B, vocab] of each request's last new token. Writes the new tokens' K/V into the caches."""
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMeta, kv_cache: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [B, vocab] of each request's last new token. Writes the new tokens' K/V into the caches.
+
+        At batch 1 a decode step is mostly weight streaming plus per-op dispatch (30 layers), so the
+        layer loop is kept to as few tensor ops as we can.
+        """
         d = self.args.head_dim
         n_q, n_kv = self.n_q, self.n_kv
         h = F.embedding(input_ids, self.embed)
-        for i, layer in enumerate(self.layers):
+        for layer, cache in zip(self.layers, kv_cache):
             x = self._rms(h, layer.in_norm)
-            qkv = layer.qkv(x)
-            qk, v = qkv.split([(n_q + n_kv) * d, n_kv * d], dim=-1)
-            qk = qk.view(-1, n_q + n_kv, d)
+            qkv = layer.qkv(x).view(-1, n_q + 2 * n_kv, d)
+            qk = qkv[:, :n_q + n_kv]
+            src = qk
             if layer.q_norm is not None:
-                qk = torch.cat([self._rms(qk[:, :n_q], layer.q_norm), self._rms(qk[:, n_q:], layer.k_norm)], dim=1)
-            # RoPE on query and key heads at once: x*cos + rotate_half(x)*sin.
-            x1, x2 = qk.chunk(2, dim=-1)
-            qk = qk * meta.cos + torch.cat([-x2, x1], dim=-1) * meta.sin
-            q, k = qk.split([n_q, n_kv], dim=1)
-            k_cache[i].index_copy_(0, meta.slots, k)
-            v_cache[i].index_copy_(0, meta.slots, v.view(-1, n_kv, d))
-            attn = self._attention(q, k_cache[i], v_cache[i], meta)
+                src = torch.cat([self._rms(qk[:, :n_q], layer.q_norm), self._rms(qk[:, n_q:], layer.k_norm)], dim=1)
+            # Rotated in place, so that K and V stay side by side in qkv for one cache write.
+            self._rope(src, meta.rope, out=qk)
+            cache.index_copy_(1, meta.slots, qkv[:, n_q:].transpose(0, 1))
+            attn = self._attention(qkv[:, :n_q], cache, meta)
             h = h + self._all_reduce(layer.o(attn))
             x = self._rms(h, layer.post_norm)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             h = h + self._all_reduce(layer.down(F.silu(gate) * up))
-        x = self._rms(h[meta.last], self.norm)
-        logits = self.lm_head(x)
+        if meta.last is not None:
+            h = h.index_select(0, meta.last)
+        logits = self.lm_head(self._rms(h, self.norm))
         if self.tp > 1:
             logits = self._gather_vocab(logits)
         return logits
 
-    def _attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
-        B, L = meta.kv_table.shape
-        N = meta.mask.shape[2]
-        d = self.args.head_dim
-        # [B, L, kv, d] -> [B, kv, L, d]: each request's keys and values, gathered from the slot pool.
-        flat = meta.kv_table.view(-1)  # index_select: half the cost of advanced indexing here
-        keys = k_cache.index_select(0, flat).view(B, L, self.n_kv, d).transpose(1, 2)
-        values = v_cache.index_select(0, flat).view(B, L, self.n_kv, d).transpose(1, 2)
-        if meta.q_index is not None:
-            q = q[meta.q_index]
-        queries = q.view(B, N, self.n_q, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask, enable_gqa=self.n_q != self.n_kv)
-        out = out.transpose(1, 2).reshape(B * N, self.n_q * d)
-        if meta.out_index is not None:
-            out = out[meta.out_index]
-        return out
+    def _attention(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        """Queries are pre-scaled (see Layer), hence plain q @ k and scale=1 below."""
+        B, L, N, d, n_kv = meta.B, meta.L, meta.N, self.args.head_dim, self.n_kv
+        # Each request's keys and values, gathered head-major from the slot pool: [2kv, B, L, d].
+        kv = torch.index_select(cache.view(-1, d), 0, meta.gather, out=meta.kv_buf).view(2 * n_kv, B, L, d)
+        if N == 1:
+            # Decode: batched matmuls over (kv head, request), each kv head shared by its group of query
+            # heads without repeating K/V. Measured ~2x faster than SDPA at batch 32 (SDPA's CPU kernel
+            # is built for long query blocks), and no slower at batch 1.
+            g = self.n_q // n_kv
+            qg = q.view(B, n_kv, g, d).transpose(0, 1).reshape(n_kv * B, g, d)
+            keys, values = kv[:n_kv].view(n_kv * B, L, d), kv[n_kv:].view(n_kv * B, L, d)
+            scores = torch.bmm(qg, keys.transpose(1, 2))
+            if meta.bias is not None:
+                scores += meta.bias
+            out = torch.bmm(torch.softmax(scores, dim=-1), values)
+            return out.view(n_kv, B, g * d).transpose(0, 1).reshape(B, self.n_q * d)
+        queries = q.index_select(0, meta.q_index).view(B, N, self.n_q, d).transpose(1, 2)
+        keys, values = kv[:n_kv].transpose(0, 1), kv[n_kv:].transpose(0, 1)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask, scale=1.0, enable_gqa=self.n_q != n_kv)
+        return out.transpose(1, 2).reshape(B * N, self.n_q * d).index_select(0, meta.out_index)
 
     def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         # Vocabulary slices can differ in size by one; all_gather needs equal shapes, so pad and trim.
