@@ -38,6 +38,7 @@ class Scheduler:
         self.inflight: tuple[int, list[Req]] | None = None
         self.steps = 0
         self.aborted = 0
+        self.news: list[Finished] = []  # for the detokenizer, sent once per loop turn
         self.started = time.monotonic()
 
     def wait_for_workers(self) -> None:
@@ -75,6 +76,10 @@ class Scheduler:
                     plan.sent_ns = time.monotonic_ns()
                     send(self.plans, plan)
                     self.inflight = (plan.step, batch)
+            # After publishing: the workers' next step need not wait for the detokenizer's message.
+            # One message per turn, in order, so a token never trails its request's abort.
+            self._emit(self.news)
+            self.news = []
 
     def _on_request(self, msg: object) -> None:
         if isinstance(msg, TokenizedRequest):
@@ -83,14 +88,14 @@ class Scheduler:
             req = self.batcher.abort(msg.rid)
             if req is not None:
                 self.aborted += 1
-                self._emit([Finished(req, -1, "abort")])
+                self.news.append(Finished(req, -1, "abort"))
 
     def _on_result(self, msg: StepResult) -> None:
         assert self.inflight is not None and msg.step == self.inflight[0], "results arrive in plan order"
         _, batch = self.inflight
         self.inflight = None
         self.steps += 1
-        self._emit(self.batcher.apply(batch, msg.token_ids))
+        self.news.extend(self.batcher.apply(batch, msg.token_ids))
 
     def _emit(self, news: list[Finished]) -> None:
         if not news:
