@@ -13,6 +13,7 @@ from serve.messages import SamplingParams
 from serve.worker.engine import Engine
 from serve.worker.model import Model
 from serve.worker.offline import OfflineRunner
+from tests.tiny_model import random_llama
 
 VOCAB = 256
 MAX_LEN = 128
@@ -22,22 +23,7 @@ NEW_TOKENS = 24
 
 
 def build_hf(folder, tie: bool, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=MAX_LEN, tie_word_embeddings=tie, rope_theta=10000.0,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    # Random init is too flat for greedy decoding to be stable; sharpen it so near-ties are rare.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    model.save_pretrained(folder, safe_serialization=True)
-    return model
+    return random_llama(folder, seed, vocab_size=VOCAB, max_position_embeddings=MAX_LEN, tie_word_embeddings=tie, pad_token_id=0)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])

@@ -39,25 +39,31 @@ def build_tokenizer(folder: Path) -> int:
     return tok.get_vocab_size()
 
 
-def build_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
+def random_llama(folder: Path, seed: int = 0, **overrides):
+    """A tiny LlamaForCausalLM with random weights, saved to `folder` as safetensors; returns the HF model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(folder)
     cfg = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
     )
     cfg.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     # Random init is too flat for greedy decoding to be stable; sharpen it so near-ties are rare.
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(4.0)
     model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def build_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A servable tiny model: random Llama weights plus a tokenizer and chat template."""
+    folder.mkdir(parents=True, exist_ok=True)
+    random_llama(folder, seed, vocab_size=build_tokenizer(folder), **overrides)
     return folder
 
 
