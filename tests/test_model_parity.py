@@ -107,3 +107,18 @@ def run_sampled(model: Model, prompts: list[list[int]], params: list[SamplingPar
     for _ in range(NEW_TOKENS - 1):
         out = [o + [t] for o, t in zip(out, r.engine.step(r.decode_plan(prompts, out)))]
     return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_tracks_float32(models, tmp_path, dtype):
+    # Same weights loaded in 16 bits: the logits stay close to float32's and mostly agree on the argmax.
+    hf, ours = models
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    half = Model(tmp_path, 0, 1, dtype, torch.device("cpu"))
+    full_logits, half_logits = captured_logits((r32 := runner(ours)).engine), captured_logits((r16 := runner(half)).engine)
+    r32.generate(PROMPTS, 1)
+    r16.generate(PROMPTS, 1)
+    a, b = full_logits[0], half_logits[0]
+    assert torch.isfinite(b).all()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() > 0.99
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75
