@@ -65,14 +65,20 @@ def test_sse_ends_with_done(tiny_server):
     assert all(l.startswith("data: ") for l in lines)
 
 
-def test_completions_text_and_token_ids_agree(tiny_server):
+def test_completions_text_and_token_ids_agree(tiny_server, tiny_model):
+    from tokenizers import Tokenizer
+
     client = tiny_server.client()
     a = client.completions.create(model=TINY_NAME, prompt="Once upon a time", max_tokens=12, temperature=0)
-    ids = client.completions.create(model=TINY_NAME, prompt=[[t] for t in [0]][0], max_tokens=1)  # a token-id prompt works
+    ids = client.completions.create(model=TINY_NAME, prompt=[0], max_tokens=1)  # a token-id prompt works
     assert ids.usage.prompt_tokens == 1
     b = client.completions.create(model=TINY_NAME, prompt="Once upon a time", max_tokens=12, temperature=0)
     assert a.choices[0].text == b.choices[0].text  # greedy is deterministic
     assert a.usage.completion_tokens == 12 or a.choices[0].finish_reason == "stop"
+    # The same prompt as token ids gives the same completion as the text.
+    prompt_ids = Tokenizer.from_file(str(tiny_model / "tokenizer.json")).encode("Once upon a time").ids
+    c = client.completions.create(model=TINY_NAME, prompt=prompt_ids, max_tokens=12, temperature=0)
+    assert c.choices[0].text == a.choices[0].text and c.usage.prompt_tokens == a.usage.prompt_tokens
 
 
 def test_seed_makes_sampling_repeatable(tiny_server):

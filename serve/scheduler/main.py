@@ -39,7 +39,6 @@ class Scheduler:
         self.steps = 0
         self.aborted = 0
         self.news: list[Finished] = []  # for the detokenizer, sent once per loop turn
-        self.started = time.monotonic()
 
     def wait_for_workers(self) -> None:
         """Publish Hello until every rank has answered: a SUB that joins late misses what was sent before."""

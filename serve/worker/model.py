@@ -191,7 +191,8 @@ class Layer:
         kv_rows = (shard.kv[0] * d, shard.kv[1] * d)
         a = p + "self_attn."
         # The 1/sqrt(d) attention scale is folded into the queries (their projection, or their norm when
-        # there is one), which is exact for power-of-two head dims and saves a scaling per layer.
+        # there is one), saving a scaling per layer. Exact where sqrt(d) is a power of two (d = 64, 256);
+        # elsewhere (d = 128) it rounds each weight once, within float32's last bit.
         scale = d ** -0.5
         q, k, v = w.get(a + "q_proj.weight", q_rows), w.get(a + "k_proj.weight", kv_rows), w.get(a + "v_proj.weight", kv_rows)
         q_scale = 1.0 if args.qk_norm else scale
