@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve.config import ConfigError, apply_overrides, load_config
+from serve.config import ConfigError, apply_overrides, load_config, parse_settings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,7 +20,11 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--port", type=int)
     launch.add_argument("--tp", type=int, help="tensor-parallel ranks (worker processes)")
     launch.add_argument("--kv-pool-tokens", type=int)
+    launch.add_argument("--chunked-prefill-tokens", type=int, help="per-step token budget with chunked prefill (0: off)")
+    launch.add_argument("--no-prefix-cache", action="store_const", const=False, dest="prefix_cache", help="recompute every prompt")
+    launch.add_argument("--no-overlap", action="store_const", const=False, dest="overlap", help="plan each step only after the last one ends")
     launch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    launch.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field, e.g. engine.max_running_requests=8")
     return p
 
 
@@ -32,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             "model.path": args.model, "model.served_name": args.served_name, "model.dtype": args.dtype,
             "server.host": args.host, "server.port": args.port, "engine.tp": args.tp,
             "engine.kv_pool_tokens": args.kv_pool_tokens, "server.log_level": args.log_level,
+            "engine.chunked_prefill_tokens": args.chunked_prefill_tokens, "engine.prefix_cache": args.prefix_cache,
+            "engine.overlap": args.overlap, **parse_settings(args.set),
         })
         from serve.launch import run
 

@@ -37,8 +37,15 @@ class EngineConfig:
     max_running_requests: int = 64
     # 0 means the model's own context length.
     max_model_len: int = 0
-    # Upper bound on prompt tokens prefilled in one step.
+    # Chunked prefill: each step decodes every running request and fills the rest of this many tokens
+    # with prompt chunks, so a long prompt never stalls running streams. 0: prompts are prefilled whole,
+    # in steps of their own holding up to max_prefill_tokens.
+    chunked_prefill_tokens: int = 256
     max_prefill_tokens: int = 4096
+    # Reuse the KV of shared prompt prefixes (radix tree in the scheduler).
+    prefix_cache: bool = True
+    # Plan the next step while the workers run the current one.
+    overlap: bool = True
     # Seconds the launcher waits for every child to report ready (model loading included).
     startup_timeout_s: float = 600.0
     # Worker threads per rank; 0 means cores / tp.
@@ -113,6 +120,23 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     return config
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`--set section.key=value` flags (values in YAML syntax) as typed overrides."""
+    out: dict[str, Any] = {}
+    for item in items:
+        dotted, sep, raw = item.partition("=")
+        section, _, name = dotted.partition(".")
+        data = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}
+        if not sep or section not in data or name not in {f.name for f in dataclasses.fields(data[section])}:
+            raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE with a known key, e.g. engine.prefix_cache=false")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        out[dotted] = _coerce(value, type(getattr(data[section], name)), dotted)
+    return out
+
+
 def validate(config: Config) -> None:
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16, got {config.model.dtype!r}")
@@ -120,5 +144,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"engine.tp must be at least 1, got {config.engine.tp}")
     if config.engine.max_running_requests < 1 or config.engine.kv_pool_tokens < 16:
         raise ConfigError("engine.max_running_requests must be >= 1 and engine.kv_pool_tokens >= 16")
+    if config.engine.chunked_prefill_tokens < 0 or config.engine.max_prefill_tokens < 1:
+        raise ConfigError("engine.chunked_prefill_tokens must be >= 0 (0: off) and engine.max_prefill_tokens >= 1")
     if not config.model.path:
         raise ConfigError("no model given: set model.path in the config or pass --model PATH")

@@ -88,7 +88,12 @@ class StepPlan:
 
     Request i owns KV row `rows[i]`; its new tokens are `input_ids[offsets[i]:offsets[i+1]]`, at
     positions starting at `starts[i]`, written to KV slots `slots[offsets[i]:offsets[i+1]]`.
-    Rows in `new_rows` start a request and bring its sampling parameters.
+    Rows in `new_rows` start a request and bring its sampling parameters, and the KV slots of its
+    prefix found in the prefix cache (`new_prefix`, positions 0.. before its first new token), and how
+    many tokens it had produced before (a preempted request comes back with some). An input id of -1 stands for
+    the token the workers sampled last for that row (planned before that step's result came back).
+    Every request samples one token, except those listed in `skip` (a prompt chunk short of its end).
+    Requests with one new token come first (the engine runs them as decodes).
     """
 
     step: int
@@ -99,13 +104,16 @@ class StepPlan:
     slots: list[int]
     new_rows: list[int] = field(default_factory=list)
     new_sampling: list[SamplingParams] = field(default_factory=list)
+    new_prefix: list[list[int]] = field(default_factory=list)
+    new_produced: list[int] = field(default_factory=list)  # tokens it produced before (re)admission
+    skip: list[int] = field(default_factory=list)
     sent_ns: int = 0
 
 
 @message(11)
 class StepResult:
     step: int
-    token_ids: list[int]  # one sampled token per request of the plan, in plan order
+    token_ids: list[int]  # one sampled token per request of the plan not in `skip`, in plan order
     sent_ns: int = 0
 
 
@@ -138,6 +146,7 @@ class TokenBatch:
     finish_reasons: list[str | None]  # None while running, else "stop" or "length"
     prompt_tokens: list[int]
     completion_tokens: list[int]
+    cached_tokens: list[int] = field(default_factory=list)  # prompt tokens served from the prefix cache
     sent_ns: int = 0
 
 
@@ -149,6 +158,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 @message(22)

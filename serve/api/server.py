@@ -118,7 +118,8 @@ def create_app(bridge: Bridge, model: ModelInfo) -> FastAPI:
 
 def _usage(out: RequestOutput) -> dict:
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
 class ChatShape:

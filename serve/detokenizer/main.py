@@ -65,7 +65,7 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
             reason = batch.finish_reasons[i]
             text, ids = detok.push(rid, batch.token_ids[i], reason is not None)
             per_api[batch.api_ids[i]].append(
-                RequestOutput(rid, text, ids, reason, batch.prompt_tokens[i], batch.completion_tokens[i])
+                RequestOutput(rid, text, ids, reason, batch.prompt_tokens[i], batch.completion_tokens[i], batch.cached_tokens[i])
             )
         for api_id, outputs in per_api.items():
             try:

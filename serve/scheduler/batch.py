@@ -1,10 +1,22 @@
-"""Continuous batching: which requests run in the next step, and what their sampled tokens mean.
+"""Continuous batching: which tokens of which requests the next step computes, and what its samples mean.
 
-Each step is either a prefill (new requests, or preempted ones recomputed) or a decode of every
-running request. New requests join between steps. When the pool cannot give every running request
-one more slot, the most recently admitted request is preempted: its KV is freed and it waits at the
-front of the queue to be prefilled again with the tokens it already produced. No request fails for
-lack of room.
+Every running request has positions still to compute (`todo`): its whole uncached prompt when admitted,
+one token per step once decoding. A step computes a slice of that for several requests and samples a
+token for each request whose slice reaches its end.
+
+- Unchunked: a step is either a prefill of whole prompts or a decode of every running request.
+- Chunked: every step decodes all running requests and spends the rest of its token budget on prompt
+  chunks, so a long prompt never stalls the streams already running.
+
+With the prefix cache on, admission first looks the prompt up in the radix tree and computes only
+what is not cached; a prompt enters the tree once prefilled, and a request's whole sequence when it
+ends. When the pool cannot give every running request one more slot, the newest request is preempted
+(its KV goes to the cache, where it may survive) and waits at the front of the queue to be recomputed.
+No request fails for lack of room.
+
+Steps may be planned while the previous one is still running (overlap). A token sampled by a step in
+flight is not known yet: it appears in `output_ids` as PENDING, and the plan asks the workers to use
+the token they sampled last for that row. The planner never preempts with a step in flight.
 """
 
 from __future__ import annotations
@@ -14,6 +26,9 @@ from dataclasses import dataclass, field
 
 from serve.messages import SamplingParams, StepPlan
 from serve.scheduler.pool import KVPool
+from serve.scheduler.radix import Node, RadixCache
+
+PENDING = -1
 
 
 @dataclass
@@ -24,7 +39,11 @@ class Req:
     sampling: SamplingParams
     output_ids: list[int] = field(default_factory=list)
     row: int = -1
-    slots: list[int] = field(default_factory=list)  # KV slot of each position that has KV
+    slots: list[int] = field(default_factory=list)  # KV slot of each position whose KV is computed or planned
+    owned: list[int] = field(default_factory=list)  # slots this request frees itself (the rest are the cache's)
+    node: Node | None = None  # deepest prefix-cache node this request locks
+    cached_tokens: int = 0  # prompt tokens found in the cache at admission
+    fresh: bool = False  # admitted, not yet in a plan: the workers must set up its row's sampler
 
     @property
     def tokens(self) -> list[int]:
@@ -34,19 +53,32 @@ class Req:
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def todo(self) -> int:
+        return self.seq_len - len(self.slots)
+
 
 @dataclass
 class Finished:
     req: Req
     token: int  # -1 for an abort
     reason: str | None
+    completion_tokens: int = 0
+
+
+@dataclass
+class Step:
+    plan: StepPlan
+    samplers: list[tuple[Req, int]]  # per sampled token: its request and its index in output_ids
 
 
 class Batcher:
-    def __init__(self, pool: KVPool, max_model_len: int, max_prefill_tokens: int, eos_ids: list[int]) -> None:
+    def __init__(self, pool: KVPool, max_model_len: int, step_tokens: int, eos_ids: list[int],
+                 chunked: bool = True, prefix_cache: bool = True) -> None:
         self.pool = pool
-        self.max_model_len = max_model_len
-        self.max_prefill_tokens = max_prefill_tokens
+        self.step_tokens = step_tokens
+        self.chunked = chunked
+        self.cache = RadixCache() if prefix_cache else None
         self.eos_ids = set(eos_ids)
         # A sequence may not outgrow the context, nor the pool (it could never be prefilled again).
         self.max_len = min(max_model_len, pool.slots.capacity)
@@ -54,6 +86,38 @@ class Batcher:
         self.running: list[Req] = []  # in admission order
         self.step_no = 0
         self.preemptions = 0
+
+    # --- slots ---------------------------------------------------------------------------------
+
+    def available(self) -> int:
+        return self.pool.slots.free + (self.cache.evictable if self.cache else 0)
+
+    def _take(self, req: Req, n: int) -> None:
+        short = n - self.pool.slots.free
+        if short > 0 and self.cache:
+            self.pool.slots.give(self.cache.evict(short))
+        new = self.pool.slots.take(n)
+        req.slots.extend(new)
+        req.owned.extend(new)
+
+    def _cache_tokens(self, req: Req, n: int) -> None:
+        """Hands the first n positions' KV to the cache; the request keeps a lock on them."""
+        done, node = self.cache.insert(req.tokens[:n], req.slots[:n])
+        given = set(req.slots[done:n])  # now the cache's; [cached, done) duplicates stay ours until release
+        req.owned = [s for s in req.owned if s not in given]
+        self.cache.lock(node)
+        if req.node is not None:
+            self.cache.unlock(req.node)
+        req.node = node
+
+    def _release(self, req: Req, keep: bool) -> None:
+        if self.cache and keep:
+            self._cache_tokens(req, min(len(req.slots), req.seq_len))
+        self.pool.slots.give(req.owned)
+        if req.node is not None:
+            self.cache.unlock(req.node)
+        self.pool.rows.give([req.row])
+        req.slots, req.owned, req.node, req.row = [], [], None, -1
 
     # --- arrivals and departures ---------------------------------------------------------------
 
@@ -68,88 +132,139 @@ class Batcher:
         for req in self.running:
             if req.rid == rid:
                 self.running.remove(req)
-                self._release(req)
+                self._release(req, keep=False)
                 return req
         return None
 
-    def _release(self, req: Req) -> None:
-        self.pool.slots.give(req.slots)
-        self.pool.rows.give([req.row])
-        req.slots, req.row = [], -1
+    def _admit(self, budget: int, reserve: int) -> Req | None:
+        """Moves the head of the queue to running if its prompt fits in the pool, keeping `reserve`
+        slots free for the running requests' next tokens."""
+        if not self.waiting or not self.pool.rows.free:
+            return None
+        req = self.waiting[0]
+        if self.cache:
+            # At least the last prompt token is computed: its logits give the first output token.
+            slots, node = self.cache.match(req.tokens[:-1])
+            self.cache.lock(node)
+            if req.todo - len(slots) > self.available() - reserve or (not self.chunked and req.todo - len(slots) > budget):
+                self.cache.unlock(node)
+                return None
+            req.slots, req.node, req.cached_tokens = list(slots), node, len(slots)
+            self.cache.hits += len(slots)
+        elif req.todo > self.available() - reserve or (not self.chunked and req.todo > budget):
+            return None
+        self.waiting.popleft()
+        req.row, req.fresh = self.pool.rows.take(1)[0], True
+        self.running.append(req)
+        return req
 
     # --- planning ------------------------------------------------------------------------------
 
-    def next_plan(self) -> tuple[StepPlan, list[Req]] | None:
-        return self._prefill() or self._decode()
+    def next_plan(self, may_preempt: bool) -> Step | None:
+        decoding = [r for r in self.running if r.todo == 1 and not self._at_limit(r)]
+        if not self.chunked:
+            admitted: list[Req] = []
+            budget, reserve = self.step_tokens, len(decoding)
+            while (req := self._admit(budget if admitted else 1 << 30, reserve)) is not None:
+                admitted.append(req)
+                budget -= req.todo
+                reserve += req.todo + 1
+            if admitted:
+                return self._plan([(r, r.todo) for r in admitted])
+            if not self._room_for(decoding, may_preempt):
+                return None
+            return self._plan([(r, 1) for r in self.running if r in decoding]) if decoding else None
 
-    def _prefill(self) -> tuple[StepPlan, list[Req]] | None:
-        chosen: list[Req] = []
-        budget = self.max_prefill_tokens
-        while self.waiting and self.pool.rows.free:
-            req = self.waiting[0]
-            n = req.seq_len
-            # Keep one slot per running request in hand, so admission never starves their next decode.
-            spare = self.pool.slots.free - len(self.running) - len(chosen)
-            if n > spare or (chosen and n > budget):
-                break
-            self.waiting.popleft()
-            req.row = self.pool.rows.take(1)[0]
-            req.slots = self.pool.slots.take(n)
-            chosen.append(req)
-            budget -= n
-        if not chosen:
+        if not self._room_for(decoding, may_preempt):
             return None
-        plan = self._plan(chosen, [r.tokens for r in chosen], [0] * len(chosen))
-        plan.new_rows = [r.row for r in chosen]
-        plan.new_sampling = [r.sampling for r in chosen]
-        self.running.extend(chosen)
-        return plan, chosen
+        work = [(r, 1) for r in decoding if r.row >= 0]
+        planned = len(work)  # slots this step will take
+        for req in [r for r in self.running if r.todo > 1]:  # a prompt chunked in earlier steps goes on first
+            n = min(req.todo, self.step_tokens - planned, self.available() - planned)
+            if n > 0:
+                work.append((req, n))
+                planned += n
+        while planned < self.step_tokens and (req := self._admit(0, planned)) is not None:
+            n = min(req.todo, self.step_tokens - planned)
+            work.append((req, n))
+            planned += n
+        return self._plan(work) if work else None
 
-    def _decode(self) -> tuple[StepPlan, list[Req]] | None:
-        while self.running and self.pool.slots.free < len(self.running):
+    def _at_limit(self, req: Req) -> bool:
+        """No more tokens needed: the one in flight is its last."""
+        return len(req.output_ids) >= req.sampling.max_new_tokens or req.seq_len >= self.max_len
+
+    def _room_for(self, decoding: list[Req], may_preempt: bool) -> bool:
+        """Frees slots by preemption until every decoding request can grow by one; False to wait for
+        the step in flight first (its samples are not known, so its requests cannot be recomputed)."""
+        while decoding and self.available() < sum(1 for r in decoding if r.row >= 0):
+            if not may_preempt:
+                return False
             self._preempt(self.running[-1])
-        if not self.running:
-            return None
-        batch = list(self.running)
-        starts = [r.seq_len - 1 for r in batch]
-        for req in batch:
-            req.slots.extend(self.pool.slots.take(1))
-        return self._plan(batch, [[r.output_ids[-1]] for r in batch], starts), batch
+        return True
 
     def _preempt(self, req: Req) -> None:
         self.running.remove(req)
-        self._release(req)
+        self._release(req, keep=True)
         self.waiting.appendleft(req)
         self.preemptions += 1
 
-    def _plan(self, batch: list[Req], new_tokens: list[list[int]], starts: list[int]) -> StepPlan:
-        offsets, ids, slots = [0], [], []
-        for req, toks, start in zip(batch, new_tokens, starts):
-            ids.extend(toks)
-            slots.extend(req.slots[start:start + len(toks)])
+    def _plan(self, work: list[tuple[Req, int]]) -> Step:
+        # Single-token entries (decodes) first: the engine runs them with its decode attention.
+        work.sort(key=lambda w: w[1] > 1)
+        rows, starts, offsets, ids, slots, skip, samplers = [], [], [0], [], [], [], []
+        new_rows, new_sampling, new_prefix, new_produced = [], [], [], []
+        for i, (req, n) in enumerate(work):
+            start = len(req.slots)
+            self._take(req, n)
+            rows.append(req.row)
+            starts.append(start)
+            ids.extend(req.tokens[start:start + n])
+            slots.extend(req.slots[start:start + n])
             offsets.append(len(ids))
+            if req.fresh:
+                req.fresh = False
+                new_rows.append(req.row)
+                new_sampling.append(req.sampling)
+                new_prefix.append(req.slots[:start])
+                new_produced.append(len(req.output_ids))
+            if req.todo == 0:  # this slice reaches the end of what is known: sample the next token
+                req.output_ids.append(PENDING)
+                samplers.append((req, len(req.output_ids) - 1))
+                if self.cache and len(req.output_ids) == 1:
+                    self._cache_tokens(req, len(req.prompt_ids))  # later requests may share this prompt
+            else:
+                skip.append(i)
         self.step_no += 1
-        return StepPlan(self.step_no, [r.row for r in batch], starts, offsets, ids, slots)
+        plan = StepPlan(self.step_no, rows, starts, offsets, ids, slots, new_rows, new_sampling, new_prefix, new_produced, skip)
+        return Step(plan, samplers)
 
     # --- results -------------------------------------------------------------------------------
 
-    def apply(self, batch: list[Req], tokens: list[int]) -> list[Finished]:
-        """Record one sampled token per request; return every request's news, finished or not."""
+    def apply(self, step: Step, tokens: list[int]) -> list[Finished]:
+        """Records the step's sampled tokens; returns every request's news, finished or not."""
         news = []
-        for req, token in zip(batch, tokens):
-            if req.row < 0:  # aborted or preempted while the step was in flight
+        for (req, i), token in zip(step.samplers, tokens):
+            if req.row < 0:  # finished, aborted or preempted while the step was in flight
                 continue
-            req.output_ids.append(token)
+            req.output_ids[i] = token
             reason = None
             if token in self.eos_ids and not req.sampling.ignore_eos:
                 reason = "stop"
-            elif len(req.output_ids) >= req.sampling.max_new_tokens or req.seq_len >= self.max_len:
+            elif i + 1 >= req.sampling.max_new_tokens or len(req.prompt_ids) + i + 1 >= self.max_len:
                 reason = "length"
             if reason:
+                del req.output_ids[i + 1:]  # a token planned after this one will be dropped
                 self.running.remove(req)
-                self._release(req)
-            news.append(Finished(req, token, reason))
+                self._release(req, keep=True)
+            news.append(Finished(req, token, reason, i + 1))
         return news
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.running), "waiting": len(self.waiting), "preemptions": self.preemptions, **self.pool.stats()}
+        cached = self.cache.evictable if self.cache else 0
+        return {
+            "running": len(self.running), "waiting": len(self.waiting), "preemptions": self.preemptions,
+            "pool_tokens_used": self.pool.slots.used - cached, "pool_tokens_cached": cached,
+            "pool_tokens_free": self.pool.slots.free, "cache_hit_tokens": self.cache.hits if self.cache else 0,
+            "rows_used": self.pool.rows.used, "rows_free": self.pool.rows.free,
+        }

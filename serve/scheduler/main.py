@@ -1,13 +1,16 @@
 """The scheduler process: one loop that admits requests, publishes step plans, and routes sampled tokens.
 
-At most one step is in flight: the loop blocks in `zmq.Poller` until rank 0's result (or a new request)
-arrives, applies it, and publishes the next plan. An idle scheduler blocks with no timeout.
+With overlap on, two steps may be in flight: while the workers run step N, step N+1 already waits in
+their SUB queue, planned with placeholders for N's samples (see batch.py), so the workers never wait
+for the scheduler's round trip. The loop blocks in `zmq.Poller` until rank 0's result (or a new
+request) arrives, applies it, and tops the queue up. An idle scheduler blocks with no timeout.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import zmq
 
@@ -18,7 +21,7 @@ from serve.messages import (
 )
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
-from serve.scheduler.batch import Batcher, Finished, Req
+from serve.scheduler.batch import Batcher, Finished, Req, Step
 from serve.scheduler.pool import KVPool
 
 log = logging.getLogger("serve.scheduler")
@@ -27,15 +30,20 @@ log = logging.getLogger("serve.scheduler")
 class Scheduler:
     def __init__(self, config: Config, model: ModelInfo, eps: Endpoints) -> None:
         self.tp = config.engine.tp
-        pool = KVPool(config.engine.kv_pool_tokens, config.engine.max_running_requests)
-        self.batcher = Batcher(pool, model.max_model_len, config.engine.max_prefill_tokens, model.eos_token_ids)
+        e = config.engine
+        pool = KVPool(e.kv_pool_tokens, e.max_running_requests)
+        self.batcher = Batcher(
+            pool, model.max_model_len, e.chunked_prefill_tokens or e.max_prefill_tokens, model.eos_token_ids,
+            chunked=e.chunked_prefill_tokens > 0, prefix_cache=e.prefix_cache,
+        )
+        self.depth = 2 if e.overlap else 1
         ctx = zmq.Context.instance()
         self.requests = socket(ctx, zmq.PULL, eps.scheduler, bind=True)
         self.plans = socket(ctx, zmq.PUB, eps.plan, bind=True)
         self.results = socket(ctx, zmq.PULL, eps.results, bind=True)
         self.control = socket(ctx, zmq.REP, eps.control, bind=True)
         self.outputs = socket(ctx, zmq.PUSH, eps.detokenizer, bind=False)
-        self.inflight: tuple[int, list[Req]] | None = None
+        self.inflight: deque[Step] = deque()
         self.steps = 0
         self.aborted = 0
         self.news: list[Finished] = []  # for the detokenizer, sent once per loop turn
@@ -56,8 +64,10 @@ class Scheduler:
         poller = zmq.Poller()
         for sock in (self.requests, self.results, self.control):
             poller.register(sock, zmq.POLLIN)
+        planned = False
         while True:
-            busy = self.inflight is None and (self.batcher.waiting or self.batcher.running)
+            # Only a turn that just planned may have more to plan; otherwise wait for news.
+            busy = planned and len(self.inflight) < self.depth
             ready = dict(poller.poll(0 if busy else None))
             if self.results in ready:
                 for msg in drain(self.results):
@@ -68,13 +78,14 @@ class Scheduler:
                     self._on_request(msg)
             if self.control in ready:
                 self._on_control(decode(self.control.recv()))
-            if self.inflight is None:
-                planned = self.batcher.next_plan()
-                if planned:
-                    plan, batch = planned
-                    plan.sent_ns = time.monotonic_ns()
-                    send(self.plans, plan)
-                    self.inflight = (plan.step, batch)
+            planned = False
+            if len(self.inflight) < self.depth:
+                step = self.batcher.next_plan(may_preempt=not self.inflight)
+                if step is not None:
+                    step.plan.sent_ns = time.monotonic_ns()
+                    send(self.plans, step.plan)
+                    self.inflight.append(step)
+                    planned = True
             # After publishing: the workers' next step need not wait for the detokenizer's message.
             # One message per turn, in order, so a token never trails its request's abort.
             self._emit(self.news)
@@ -90,11 +101,10 @@ class Scheduler:
                 self.news.append(Finished(req, -1, "abort"))
 
     def _on_result(self, msg: StepResult) -> None:
-        assert self.inflight is not None and msg.step == self.inflight[0], "results arrive in plan order"
-        _, batch = self.inflight
-        self.inflight = None
+        step = self.inflight.popleft()
+        assert msg.step == step.plan.step, "results arrive in plan order"
         self.steps += 1
-        self.news.extend(self.batcher.apply(batch, msg.token_ids))
+        self.news.extend(self.batcher.apply(step, msg.token_ids))
 
     def _emit(self, news: list[Finished]) -> None:
         if not news:
@@ -105,7 +115,8 @@ class Scheduler:
             token_ids=[n.token for n in news],
             finish_reasons=[n.reason for n in news],
             prompt_tokens=[len(n.req.prompt_ids) for n in news],
-            completion_tokens=[len(n.req.output_ids) for n in news],
+            completion_tokens=[n.completion_tokens for n in news],
+            cached_tokens=[n.req.cached_tokens for n in news],
             sent_ns=time.monotonic_ns(),
         ))
 

@@ -29,6 +29,10 @@ class Tokenize:
         self.max_model_len = max_model_len
         # A sequence must fit the context and the KV pool; the scheduler stops it at whichever is smaller.
         self.limit = min(max_model_len, pool_tokens)
+        if pool_tokens < max_model_len:
+            self.what = f"this server's KV pool holds {pool_tokens} tokens (less than the model's context of {max_model_len})"
+        else:
+            self.what = f"this model's maximum context length is {max_model_len} tokens"
 
     def __call__(self, req: GenerateRequest) -> list[int]:
         if req.messages is not None:
@@ -48,7 +52,7 @@ class Tokenize:
         n = len(ids)
         if n >= self.limit:
             raise Invalid(
-                f"this model's maximum context length is {self.limit} tokens, and your prompt has {n} tokens, "
+                f"{self.what}, and your prompt has {n} tokens, "
                 "leaving no room for a completion; shorten the prompt",
                 "messages" if req.messages is not None else "prompt", "context_length_exceeded",
             )
@@ -56,7 +60,7 @@ class Tokenize:
             req.sampling.max_new_tokens = self.limit - n
         elif n + req.max_tokens > self.limit:
             raise Invalid(
-                f"this model's maximum context length is {self.limit} tokens; you requested {n + req.max_tokens} tokens "
+                f"{self.what}; you requested {n + req.max_tokens} tokens "
                 f"({n} in the prompt, {req.max_tokens} for the completion); lower max_tokens or shorten the prompt",
                 "max_tokens", "context_length_exceeded",
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from serve.messages import StepPlan
-from serve.worker.model import AttentionMeta, Model
+from serve.worker.model import AttentionMeta, DecodeView, Model, PrefillView
 from serve.worker.sampler import Sampler
 
 
@@ -26,6 +26,7 @@ class Engine:
         # Row offset of each K/V head in a layer's cache viewed as [2kv*pool, d].
         self.head_base = torch.arange(2 * model.n_kv, dtype=torch.int64, device=dev)[:, None] * pool_tokens
         self.sampler = Sampler(dev)
+        self.last_token = torch.zeros(max_rows, dtype=torch.int64, device=dev)  # per row, for -1 placeholders
         self.device = dev
 
     def kv_bytes(self) -> int:
@@ -33,46 +34,84 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> list[int]:
-        for row, params in zip(plan.new_rows, plan.new_sampling):
-            self.sampler.start(row, params)
+        """Runs one plan; returns the token sampled for each request not in `plan.skip`."""
+        fresh = len(plan.new_rows)
+        for row, params, prefix, produced in zip(plan.new_rows, plan.new_sampling, plan.new_prefix or [[]] * fresh, plan.new_produced or [0] * fresh):
+            self.sampler.start(row, params, produced)
+            if prefix:  # KV found in the prefix cache
+                self.req_to_token[row, :len(prefix)] = torch.tensor(prefix, dtype=torch.int64, device=self.device)
         meta = self._meta(plan)
         ids = torch.tensor(plan.input_ids, dtype=torch.int64, device=self.device)
+        if meta.decode is not None and min(plan.input_ids[:meta.decode.B]) < 0:
+            # Placeholders (-1) for tokens sampled by the previous step, planned before it finished.
+            head = ids[:meta.decode.B]
+            head.copy_(torch.where(head < 0, self.last_token[meta.decode.rows], head))
         logits = self.model.forward(ids, meta, self.kv_cache)
+        sampled = self.sampler.sample(logits.float(), meta.sample_rows)
+        self.last_token[meta.sample_rows_t] = sampled
         # The only host sync of the step: the sampled ids.
-        return self.sampler.sample(logits.float(), plan.rows).tolist()
+        return sampled.tolist()
 
     def _meta(self, plan: StepPlan) -> AttentionMeta:
         dev = self.device
         B = len(plan.rows)
         lens = [plan.offsets[i + 1] - plan.offsets[i] for i in range(B)]
-        ends = [s + n for s, n in zip(plan.starts, lens)]
-        N, L, T = max(lens), max(ends), plan.offsets[-1]
+        T = plan.offsets[-1]
         rows = torch.tensor(plan.rows, dtype=torch.int64, device=dev)
         slots = torch.tensor(plan.slots, dtype=torch.int64, device=dev)
-        if N == 1:
+        if T == B:
             positions = torch.tensor(plan.starts, dtype=torch.int64, device=dev)
             self.req_to_token[rows, positions] = slots
         else:
             positions = torch.tensor([p for s, n in zip(plan.starts, lens) for p in range(s, s + n)], dtype=torch.int64, device=dev)
             token_rows = torch.repeat_interleave(rows, torch.tensor(lens, device=dev))
             self.req_to_token[token_rows, positions] = slots
+        # Requests with one new token come first in a plan: decodes, then prompt chunks.
+        Bd = next((i for i, n in enumerate(lens) if n > 1), B)
+        decode = self._decode_view(rows[:Bd], plan.starts[:Bd]) if Bd else None
+        prefill = self._prefill_view(rows[Bd:], plan.starts[Bd:], lens[Bd:]) if Bd < B else None
+        skip = set(plan.skip)
+        sample = [i for i in range(B) if i not in skip]
+        last = None if T == B and not skip else torch.tensor([plan.offsets[i + 1] - 1 for i in sample], dtype=torch.int64, device=dev)
+        sample_rows = [plan.rows[i] for i in sample]
+        return AttentionMeta(
+            slots, self.model.rope_at(positions), last, decode, prefill,
+            sample_rows, torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+        )
+
+    def _gather(self, rows: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache rows of every K/V head of these requests' first L positions, and scratch to gather into."""
         gather = (self.head_base + self.req_to_token[rows, :L].view(1, -1)).view(-1)
         if self.kv_buf.shape[0] < gather.shape[0]:
-            self.kv_buf = torch.empty(gather.shape[0], self.kv_buf.shape[1], device=dev, dtype=self.kv_buf.dtype)
-        keys = torch.arange(L, device=dev)
-        ends_t = torch.tensor(ends, dtype=torch.int64, device=dev)
-        mask = bias = q_index = out_index = None
-        if N == 1:
+            self.kv_buf = torch.empty(gather.shape[0], self.kv_buf.shape[1], device=self.device, dtype=self.kv_buf.dtype)
+        return gather, self.kv_buf[:gather.shape[0]]
+
+    def _decode_view(self, rows: torch.Tensor, starts: list[int]) -> DecodeView:
+        B, L = len(starts), max(starts) + 1
+        gather, buf = self._gather(rows, L)
+        bias = None
+        if min(starts) + 1 < L:
             # One query per request sees its whole sequence; the bias only hides other requests' padding.
-            if min(ends) < L:
-                bias = torch.zeros(B, L, dtype=self.model.dtype, device=dev).masked_fill_(keys[None, :] >= ends_t[:, None], float("-inf"))
-                bias = bias.view(1, B, 1, L).expand(self.model.n_kv, B, 1, L).reshape(-1, 1, L)
-        else:
-            starts = torch.tensor(plan.starts, dtype=torch.int64, device=dev)
-            q_pos = starts[:, None] + torch.arange(N, device=dev)[None, :]
-            mask = ((keys[None, None, :] <= q_pos[:, :, None]) & (keys[None, None, :] < ends_t[:, None, None])).unsqueeze(1)
-            # Padded queries repeat the request's last token; their outputs are dropped by out_index.
-            q_index = torch.tensor([plan.offsets[b] + min(j, lens[b] - 1) for b in range(B) for j in range(N)], device=dev)
-            out_index = torch.tensor([b * N + j for b in range(B) for j in range(lens[b])], device=dev)
-        last = None if T == B else torch.tensor(plan.offsets[1:], dtype=torch.int64, device=dev) - 1
-        return AttentionMeta(slots, gather, self.kv_buf[:gather.shape[0]], B, L, N, mask, bias, q_index, out_index, self.model.rope_at(positions), last)
+            ends = torch.tensor(starts, dtype=torch.int64, device=self.device) + 1
+            keys = torch.arange(L, device=self.device)
+            bias = torch.zeros(B, L, dtype=self.model.dtype, device=self.device).masked_fill_(keys[None, :] >= ends[:, None], float("-inf"))
+            bias = bias.view(1, B, 1, L).expand(self.model.n_kv, B, 1, L).reshape(-1, 1, L)
+        return DecodeView(rows, gather, buf, B, L, bias)
+
+    def _prefill_view(self, rows: torch.Tensor, starts: list[int], lens: list[int]) -> PrefillView:
+        dev = self.device
+        B, N = len(lens), max(lens)
+        ends = [s + n for s, n in zip(starts, lens)]
+        L = max(ends)
+        gather, buf = self._gather(rows, L)
+        keys = torch.arange(L, device=dev)
+        q_pos = torch.tensor(starts, dtype=torch.int64, device=dev)[:, None] + torch.arange(N, device=dev)[None, :]
+        ends_t = torch.tensor(ends, dtype=torch.int64, device=dev)
+        mask = ((keys[None, None, :] <= q_pos[:, :, None]) & (keys[None, None, :] < ends_t[:, None, None])).unsqueeze(1)
+        # Padded queries repeat the request's last token; their outputs are dropped by out_index.
+        offsets = [0]
+        for n in lens:
+            offsets.append(offsets[-1] + n)
+        q_index = torch.tensor([offsets[b] + min(j, lens[b] - 1) for b in range(B) for j in range(N)], device=dev)
+        out_index = torch.tensor([b * N + j for b in range(B) for j in range(lens[b])], device=dev)
+        return PrefillView(gather, buf, B, L, N, mask, q_index, out_index)

@@ -89,26 +89,47 @@ def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
 
 
 @dataclass
-class AttentionMeta:
-    """Per-step view of the batch, built once by the engine and used by every layer.
+class DecodeView:
+    """The requests of a step that have one new token each (decodes), which come first in the batch.
 
     A layer's KV cache is [2 * kv_heads, pool_tokens, head_dim]: keys then values, head-major, so that
     the gathered K/V of one head is contiguous in L (measured: attention over it runs ~2x faster than
     over the token-major [pool, heads, d] layout).
     """
 
-    slots: torch.Tensor  # [T] KV slot of each new token
+    rows: torch.Tensor  # [B] request rows
     gather: torch.Tensor  # [2*kv * B*L] rows of the cache viewed as [2*kv*pool, d]: every head of every request's sequence
     kv_buf: torch.Tensor  # [2*kv * B*L, d] scratch the gather writes into (reused, so big gathers don't fault in fresh pages)
     B: int
     L: int  # keys per request, padded to the longest
+    bias: torch.Tensor | None  # [kv*B, 1, L] additive, -inf on other requests' padding; None if there is none
+
+
+@dataclass
+class PrefillView:
+    """The requests of a step with several new tokens (prompts or prompt chunks), after the decodes."""
+
+    gather: torch.Tensor  # as in DecodeView
+    kv_buf: torch.Tensor
+    B: int
+    L: int  # keys per request, padded to the longest
     N: int  # queries per request, padded to the longest
-    mask: torch.Tensor | None  # prefill (N > 1): [B, 1, N, L] bool, which keys each padded query sees
-    bias: torch.Tensor | None  # decode (N == 1): [kv*B, 1, L] additive, -inf on other requests' padding; None if none
-    q_index: torch.Tensor | None  # [B*N] flat token index of each padded query; None when N == 1
-    out_index: torch.Tensor | None  # [T] padded row of each real token; None when N == 1
+    mask: torch.Tensor  # [B, 1, N, L] bool, which keys each padded query sees
+    q_index: torch.Tensor  # [B*N] index of each padded query among these requests' new tokens
+    out_index: torch.Tensor  # [T] padded row of each real token
+
+
+@dataclass
+class AttentionMeta:
+    """Per-step view of the batch, built once by the engine and used by every layer."""
+
+    slots: torch.Tensor  # [T] KV slot of each new token
     rope: torch.Tensor  # RoPE rows of the new tokens' positions, from Model.rope_at
-    last: torch.Tensor | None  # [B] flat index of each request's last new token; None when that is every token
+    last: torch.Tensor | None  # flat index of each sampled request's last new token; None when that is every token
+    decode: DecodeView | None
+    prefill: PrefillView | None
+    sample_rows: list[int]  # row of each request that samples, in plan order
+    sample_rows_t: torch.Tensor
 
 
 class Shard:
@@ -302,25 +323,33 @@ class Model:
 
     def _attention(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
         """Queries are pre-scaled (see Layer), hence plain q @ k and scale=1 below."""
-        B, L, N, d, n_kv = meta.B, meta.L, meta.N, self.args.head_dim, self.n_kv
-        # Each request's keys and values, gathered head-major from the slot pool: [2kv, B, L, d].
-        kv = torch.index_select(cache.view(-1, d), 0, meta.gather, out=meta.kv_buf).view(2 * n_kv, B, L, d)
-        if N == 1:
+        d, n_kv = self.args.head_dim, self.n_kv
+        dec, pre = meta.decode, meta.prefill
+        parts = []
+        if dec is not None:
             # Decode: batched matmuls over (kv head, request), each kv head shared by its group of query
             # heads without repeating K/V. Measured ~2x faster than SDPA at batch 32 (SDPA's CPU kernel
             # is built for long query blocks), and no slower at batch 1.
+            B, L = dec.B, dec.L
+            kv = torch.index_select(cache.view(-1, d), 0, dec.gather, out=dec.kv_buf).view(2 * n_kv, B, L, d)
             g = self.n_q // n_kv
-            qg = q.view(B, n_kv, g, d).transpose(0, 1).reshape(n_kv * B, g, d)
+            qg = q[:B].view(B, n_kv, g, d).transpose(0, 1).reshape(n_kv * B, g, d)
             keys, values = kv[:n_kv].view(n_kv * B, L, d), kv[n_kv:].view(n_kv * B, L, d)
             scores = torch.bmm(qg, keys.transpose(1, 2))
-            if meta.bias is not None:
-                scores += meta.bias
+            if dec.bias is not None:
+                scores += dec.bias
             out = torch.bmm(torch.softmax(scores, dim=-1), values)
-            return out.view(n_kv, B, g * d).transpose(0, 1).reshape(B, self.n_q * d)
-        queries = q.index_select(0, meta.q_index).view(B, N, self.n_q, d).transpose(1, 2)
-        keys, values = kv[:n_kv].transpose(0, 1), kv[n_kv:].transpose(0, 1)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask, scale=1.0, enable_gqa=self.n_q != n_kv)
-        return out.transpose(1, 2).reshape(B * N, self.n_q * d).index_select(0, meta.out_index)
+            parts.append(out.view(n_kv, B, g * d).transpose(0, 1).reshape(B, self.n_q * d))
+        if pre is not None:
+            # Prompts: SDPA over each request's keys (cached prefix included), padded to the longest.
+            B, L, N = pre.B, pre.L, pre.N
+            kv = torch.index_select(cache.view(-1, d), 0, pre.gather, out=pre.kv_buf).view(2 * n_kv, B, L, d)
+            rest = q[dec.B:] if dec is not None else q
+            queries = rest.index_select(0, pre.q_index).view(B, N, self.n_q, d).transpose(1, 2)
+            keys, values = kv[:n_kv].transpose(0, 1), kv[n_kv:].transpose(0, 1)
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=pre.mask, scale=1.0, enable_gqa=self.n_q != n_kv)
+            parts.append(out.transpose(1, 2).reshape(B * N, self.n_q * d).index_select(0, pre.out_index))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         # Vocabulary slices can differ in size by one; all_gather needs equal shapes, so pad and trim.

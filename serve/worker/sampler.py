@@ -1,7 +1,8 @@
 """Per-request sampling inside a batched step: greedy, temperature, top-k, top-p, seed.
 
-Each request draws its randomness from its own generator, seeded by the request (or at random), so a
-seeded request gives the same text alone or in a busy batch. Sampling uses the exponential race
+Each request draws its randomness from its own generator, reseeded for every token from the request's
+seed (or a random one) and the token's index in the output, so a seeded request gives the same text
+alone, in a busy batch, or preempted and recomputed halfway. Sampling uses the exponential race
 (argmax of p / Exp(1) noise), which needs one noise vector per row and nothing batch-dependent.
 """
 
@@ -20,6 +21,8 @@ class RowSampling:
     temperature: float
     top_p: float
     top_k: int
+    seed: int
+    produced: int  # tokens sampled so far: the index of the next one
     generator: torch.Generator
 
 
@@ -28,15 +31,16 @@ class Sampler:
         self.device = device
         self.rows: dict[int, RowSampling] = {}
 
-    def start(self, row: int, params: SamplingParams) -> None:
+    def start(self, row: int, params: SamplingParams, produced: int = 0) -> None:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed)
-        self.rows[row] = RowSampling(params.temperature, params.top_p, params.top_k, gen)
+        self.rows[row] = RowSampling(params.temperature, params.top_p, params.top_k, seed, produced, gen)
 
     def sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """One token id per row of `logits` [B, V] (float32)."""
         params = [self.rows[r] for r in rows]
+        for p in params:
+            p.produced += 1
         greedy = logits.argmax(dim=-1)
         if all(p.temperature <= 0 for p in params):
             return greedy
@@ -46,10 +50,15 @@ class Sampler:
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             x = self._truncate(x, params)
         probs = torch.softmax(x, dim=-1)
-        noise = torch.stack([torch.empty(V, device=logits.device).exponential_(generator=p.generator) for p in params])
+        noise = torch.stack([torch.empty(V, device=logits.device).exponential_(generator=self._reseed(p)) for p in params])
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor([p.temperature <= 0 for p in params], device=logits.device)
         return torch.where(is_greedy, greedy, sampled)
+
+    @staticmethod
+    def _reseed(p: RowSampling) -> torch.Generator:
+        p.generator.manual_seed((p.seed + p.produced * 0x9E3779B97F4A7C15) % (1 << 63))
+        return p.generator
 
     @staticmethod
     def _truncate(x: torch.Tensor, params: list[RowSampling]) -> torch.Tensor:
