@@ -13,6 +13,7 @@ from serve.messages import SamplingParams
 from serve.worker.engine import Engine
 from serve.worker.model import Model
 from serve.worker.offline import OfflineRunner
+from tests.parity import captured_logits
 from tests.tiny_model import random_llama
 
 VOCAB = 256
@@ -36,14 +37,6 @@ def models(request, tmp_path_factory):
 
 def runner(model: Model, rows: int = len(PROMPTS)) -> OfflineRunner:
     return OfflineRunner(Engine(model, rows * MAX_LEN, rows, MAX_LEN), MAX_LEN)
-
-
-def captured_logits(engine: Engine) -> list[torch.Tensor]:
-    """Records the logits every step hands to the sampler."""
-    seen: list[torch.Tensor] = []
-    sample = engine.sampler.sample
-    engine.sampler.sample = lambda logits, rows: (seen.append(logits.clone()), sample(logits, rows))[1]
-    return seen
 
 
 def test_prefill_logits_match_hf(models):

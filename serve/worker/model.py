@@ -37,6 +37,8 @@ class ModelArgs:
     rope_scaling: dict | None
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool  # Llama's and Qwen3's attention_bias biases o_proj too (Qwen2's built-in qkv bias does not)
+    mlp_bias: bool
     qk_norm: bool
     max_position_embeddings: int
 
@@ -62,6 +64,8 @@ class ModelArgs:
             rope_scaling=None if kind == "default" else {**rope, "rope_type": kind},
             tie_word_embeddings=c.get("tie_word_embeddings", False),
             qkv_bias=c["model_type"] == "qwen2" or c.get("attention_bias", False),
+            o_bias=c.get("attention_bias", False),
+            mlp_bias=c.get("mlp_bias", False),
             qk_norm=c["model_type"] == "qwen3",
             max_position_embeddings=c.get("max_position_embeddings", 2048),
         )
@@ -227,10 +231,16 @@ class Layer:
         if args.qk_norm:
             self.q_norm = pair_layout(w.get(a + "q_norm.weight"), d) * scale
             self.k_norm = pair_layout(w.get(a + "k_norm.weight"), d)
-        self.o = Linear(w.get(a + "o_proj.weight", cols=q_rows))
+        # o_proj and down_proj are row-parallel: the all-reduce sums the ranks' partial outputs, so only
+        # rank 0 adds their bias.
+        row_bias = shard.rank == 0
+        self.o = Linear(w.get(a + "o_proj.weight", cols=q_rows), w.get(a + "o_proj.bias") if args.o_bias and row_bias else None)
         m = p + "mlp."
-        self.gate_up = Linear(torch.cat([w.get(m + "gate_proj.weight", shard.mlp), w.get(m + "up_proj.weight", shard.mlp)]))
-        self.down = Linear(w.get(m + "down_proj.weight", cols=shard.mlp))
+        gate_up_bias = None
+        if args.mlp_bias:
+            gate_up_bias = torch.cat([w.get(m + "gate_proj.bias", shard.mlp), w.get(m + "up_proj.bias", shard.mlp)])
+        self.gate_up = Linear(torch.cat([w.get(m + "gate_proj.weight", shard.mlp), w.get(m + "up_proj.weight", shard.mlp)]), gate_up_bias)
+        self.down = Linear(w.get(m + "down_proj.weight", cols=shard.mlp), w.get(m + "down_proj.bias") if args.mlp_bias and row_bias else None)
         self.in_norm = w.get(p + "input_layernorm.weight")
         self.post_norm = w.get(p + "post_attention_layernorm.weight")
 
