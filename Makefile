@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/smollm2-135m-instruct.yaml
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench bench-features clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_serving.py $(ARGS)
+
+bench-features: setup
+	$(PY) bench/bench_features.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

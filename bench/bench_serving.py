@@ -3,7 +3,8 @@
 1. Engine-only decode step time at batch 1/8/32: one in-process Engine, no ZeroMQ, no HTTP.
 2. Served: a launched server, N concurrent streaming clients (1/8/32) over HTTP: TTFT, inter-token
    latency (ITL), output tokens/s.
-3. The control plane's cost: served ITL / engine step at concurrency 1.
+3. The control plane's cost: served ITL / engine step at concurrency 1 and 8, with the scheduler's
+   overlap on (the next plan waits in the workers' queue while a step runs) and off.
 Optionally (--hf) HF transformers' own decode loop on the same weights and dtype, for comparison.
 
 Prints a markdown table and saves everything as JSON (bench/results/).
@@ -17,25 +18,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from client import CONFIG, ROOT, model_dir
 
-from tests.server import Server  # noqa: E402  (the same launcher wrapper the tests use)
+from tests.server import Server  # the same launcher wrapper the tests use
 
-CONFIG = str(ROOT / "configs" / "smollm2-135m-instruct.yaml")
 PROMPT_TOKENS = 64
-
-
-def model_dir() -> str:
-    from serve.config import load_config
-    from serve.model_files import resolve_model
-
-    return resolve_model(load_config(CONFIG)).hf_dir
-
 
 def load_engine_model(folder: str, dtype_name: str):
     from serve.device import place
@@ -73,13 +63,13 @@ def engine_steps(model, batches: list[int], steps: int) -> dict:
     return results
 
 
-def control_plane_cost(model, url: str, steps: int, max_tokens: int, turns: int = 3) -> dict:
-    """Served ITL over engine step at concurrency 1, measured in alternation (engine, served, engine, ...)
+def control_plane_cost(model, url: str, batch: int, steps: int, max_tokens: int, turns: int = 3) -> dict:
+    """Served ITL over engine step at one batch size, measured in alternation (engine, served, engine, ...)
     so that both see the same machine: on this shared 2-core VM the speed drifts by tens of percent."""
     engine, served = [], []
     for _ in range(turns):
-        engine.append(engine_step_ms(model, 1, steps, repeats=1))
-        served.append(asyncio.run(served_round(url, "SmolLM2-135M-Instruct", 1, 2, max_tokens))["itl_ms_p50"])
+        engine.append(engine_step_ms(model, batch, steps, repeats=1))
+        served.append(asyncio.run(served_round(url, "SmolLM2-135M-Instruct", batch, 1 if batch > 1 else 2, max_tokens))["itl_ms_p50"])
     e, s = statistics.median(engine), statistics.median(served)
     return {"engine_step_ms": round(e, 2), "served_itl_ms": round(s, 2), "ratio": round(s / e, 3),
             "engine_runs_ms": [round(x, 2) for x in engine], "served_runs_ms": served}
@@ -156,7 +146,7 @@ async def served_round(url: str, name: str, concurrency: int, requests_per_clien
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--concurrency", default="1,8,16,32,64")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--hf", action="store_true", help="also time HF transformers' decode loop (slow)")
@@ -173,13 +163,19 @@ def main() -> None:
     if args.hf:
         report["hf"] = hf_steps(folder, dtype, levels, max(8, args.steps // 3))
     report["served"] = {}
+    report["overlap"] = {"on": {}, "off": {}}
     with Server("--config", CONFIG, "--dtype", dtype) as server:
         for c in levels:
             rounds = 4 if c == 1 else 2
             res = asyncio.run(served_round(server.url, "SmolLM2-135M-Instruct", c, rounds, args.max_tokens))
             report["served"][str(c)] = res
             print(f"served  conc. {c:>2}: {res}", flush=True)
-        report["control_plane_c1"] = control_plane_cost(model, server.url, args.steps, args.max_tokens)
+        for c in (1, 8):
+            report["overlap"]["on"][str(c)] = control_plane_cost(model, server.url, c, args.steps, args.max_tokens)
+    with Server("--config", CONFIG, "--dtype", dtype, "--no-overlap") as server:
+        for c in (1, 8):
+            report["overlap"]["off"][str(c)] = control_plane_cost(model, server.url, c, args.steps, args.max_tokens)
+    print(json.dumps(report["overlap"]), flush=True)
 
     print()
     print(f"SmolLM2-135M-Instruct, {dtype}, {report['machine']['cores']} cores")
@@ -192,9 +188,12 @@ def main() -> None:
         print(f"| {c} | {e.get('step_ms')} | {e.get('tokens_per_s')} | "
               + (f"{hf.get('step_ms')} | {hf.get('tokens_per_s')} | " if args.hf else "")
               + f"{s.get('ttft_ms_p50')} | {s.get('itl_ms_p50')} | {s.get('decode_tokens_per_s')} | {s.get('output_tokens_per_s')} |")
-    cp = report["control_plane_c1"]
-    print(f"\nserved ITL / engine step at concurrency 1, measured in alternation: {cp['served_itl_ms']} / "
-          f"{cp['engine_step_ms']} ms = {cp['ratio']}")
+    print("\n| served ITL / engine step (alternated) | overlap off | overlap on |")
+    print("|---|---|---|")
+    for c in ("1", "8"):
+        off, on = report["overlap"]["off"][c], report["overlap"]["on"][c]
+        print(f"| concurrency {c} | {off['served_itl_ms']} / {off['engine_step_ms']} ms = {off['ratio']} | "
+              f"{on['served_itl_ms']} / {on['engine_step_ms']} ms = {on['ratio']} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"saved {args.out}")

@@ -16,6 +16,7 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--model", help="a Hugging Face folder or a .gguf file (overrides model.path)")
     launch.add_argument("--served-name", help="the model name clients use (overrides model.served_name)")
     launch.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    launch.add_argument("--quantization", choices=["none", "int8"], help="int8: CPU weight/activation quantization")
     launch.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     launch.add_argument("--port", type=int)
     launch.add_argument("--tp", type=int, help="tensor-parallel ranks (worker processes)")
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         apply_overrides(config, {
-            "model.path": args.model, "model.served_name": args.served_name, "model.dtype": args.dtype,
+            "model.path": args.model, "model.served_name": args.served_name, "model.dtype": args.dtype, "model.quantization": args.quantization,
             "server.host": args.host, "server.port": args.port, "engine.tp": args.tp,
             "engine.kv_pool_tokens": args.kv_pool_tokens, "server.log_level": args.log_level,
             "engine.chunked_prefill_tokens": args.chunked_prefill_tokens, "engine.prefix_cache": args.prefix_cache,

@@ -27,6 +27,8 @@ class ModelConfig:
     served_name: str = ""
     # auto | float32 | bfloat16 | float16 (auto: bfloat16 where the hardware has it natively).
     dtype: str = "auto"
+    # none | int8 (CPU, float32: weights per channel, activations per step; ~2.4x less weight traffic).
+    quantization: str = "none"
 
 
 @dataclass
@@ -140,6 +142,10 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 def validate(config: Config) -> None:
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16, got {config.model.dtype!r}")
+    if config.model.quantization not in ("none", "int8"):
+        raise ConfigError(f"model.quantization must be none or int8, got {config.model.quantization!r}")
+    if config.model.quantization == "int8" and config.model.dtype not in ("auto", "float32"):
+        raise ConfigError("model.quantization: int8 needs dtype float32 (or auto on a CPU without native bfloat16)")
     if config.engine.tp < 1:
         raise ConfigError(f"engine.tp must be at least 1, got {config.engine.tp}")
     if config.engine.max_running_requests < 1 or config.engine.kv_pool_tokens < 16:

@@ -123,6 +123,11 @@ def resolve_model(config: Config, log=print) -> ModelInfo:
     if config.engine.tp > kv_heads:
         raise ConfigError(f"--tp {config.engine.tp} exceeds the model's {kv_heads} key/value heads; use --tp {kv_heads} or less")
     context = int(hf.get("max_position_embeddings", 2048))
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
+    if window and window < context:
+        # Our attention is full attention: exact only while a sequence fits the window (Mistral v0.1: 4096).
+        log(f"{folder.name}: context capped at the {window}-token sliding window (attention here is full, not windowed)")
+        context = window
     if config.engine.max_model_len:
         context = min(context, config.engine.max_model_len)
     name = config.model.served_name or (path.stem if path.is_file() else path.name)

@@ -115,3 +115,18 @@ def test_half_precision_tracks_float32(models, tmp_path, dtype):
     assert torch.isfinite(b).all()
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() > 0.99
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75
+
+
+def test_int8_quantization_tracks_float32(models, tmp_path):
+    # quantization: int8 (weights per channel, activations per step) stays close to float32; exact parity
+    # is float32's job. (This random model's logits are too flat to ask for long greedy agreement.)
+    hf, ours = models
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    q = Model(tmp_path, 0, 1, torch.float32, torch.device("cpu"), quantization="int8")
+    full_logits, q_logits = captured_logits((r32 := runner(ours)).engine), captured_logits((r8 := runner(q)).engine)
+    r32.generate(PROMPTS, 1)
+    r8.generate(PROMPTS, 1)
+    a, b = full_logits[0], q_logits[0]
+    assert torch.isfinite(b).all() and not torch.equal(a, b)  # really quantized
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() > 0.99
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75

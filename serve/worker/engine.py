@@ -8,6 +8,7 @@ batch, and samples one token per request.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from serve.messages import StepPlan
 from serve.worker.model import AttentionMeta, DecodeView, Model, PrefillView
@@ -28,6 +29,13 @@ class Engine:
         self.sampler = Sampler(dev)
         self.last_token = torch.zeros(max_rows, dtype=torch.int64, device=dev)  # per row, for -1 placeholders
         self.device = dev
+        self.pinned = dev.type == "cuda"
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        """A host list as a device tensor. On CUDA it goes through pinned memory, so that the copy does not
+        block the host: the step's only sync stays the sampled ids."""
+        t = torch.tensor(values, dtype=torch.int64, pin_memory=self.pinned)
+        return t.to(self.device, non_blocking=True) if self.pinned else t
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv_cache)
@@ -39,9 +47,9 @@ class Engine:
         for row, params, prefix, produced in zip(plan.new_rows, plan.new_sampling, plan.new_prefix or [[]] * fresh, plan.new_produced or [0] * fresh):
             self.sampler.start(row, params, produced)
             if prefix:  # KV found in the prefix cache
-                self.req_to_token[row, :len(prefix)] = torch.tensor(prefix, dtype=torch.int64, device=self.device)
+                self.req_to_token[row, :len(prefix)] = self._tensor(prefix)
         meta = self._meta(plan)
-        ids = torch.tensor(plan.input_ids, dtype=torch.int64, device=self.device)
+        ids = self._tensor(plan.input_ids)
         if meta.decode is not None and min(plan.input_ids[:meta.decode.B]) < 0:
             # Placeholders (-1) for tokens sampled by the previous step, planned before it finished.
             head = ids[:meta.decode.B]
@@ -53,18 +61,17 @@ class Engine:
         return sampled.tolist()
 
     def _meta(self, plan: StepPlan) -> AttentionMeta:
-        dev = self.device
         B = len(plan.rows)
         lens = [plan.offsets[i + 1] - plan.offsets[i] for i in range(B)]
         T = plan.offsets[-1]
-        rows = torch.tensor(plan.rows, dtype=torch.int64, device=dev)
-        slots = torch.tensor(plan.slots, dtype=torch.int64, device=dev)
+        rows = self._tensor(plan.rows)
+        slots = self._tensor(plan.slots)
         if T == B:
-            positions = torch.tensor(plan.starts, dtype=torch.int64, device=dev)
+            positions = self._tensor(plan.starts)
             self.req_to_token[rows, positions] = slots
         else:
-            positions = torch.tensor([p for s, n in zip(plan.starts, lens) for p in range(s, s + n)], dtype=torch.int64, device=dev)
-            token_rows = torch.repeat_interleave(rows, torch.tensor(lens, device=dev))
+            positions = self._tensor([p for s, n in zip(plan.starts, lens) for p in range(s, s + n)])
+            token_rows = torch.repeat_interleave(rows, self._tensor(lens), output_size=T)
             self.req_to_token[token_rows, positions] = slots
         # Requests with one new token come first in a plan: decodes, then prompt chunks.
         Bd = next((i for i, n in enumerate(lens) if n > 1), B)
@@ -72,11 +79,11 @@ class Engine:
         prefill = self._prefill_view(rows[Bd:], plan.starts[Bd:], lens[Bd:]) if Bd < B else None
         skip = set(plan.skip)
         sample = [i for i in range(B) if i not in skip]
-        last = None if T == B and not skip else torch.tensor([plan.offsets[i + 1] - 1 for i in sample], dtype=torch.int64, device=dev)
+        last = None if T == B and not skip else self._tensor([plan.offsets[i + 1] - 1 for i in sample])
         sample_rows = [plan.rows[i] for i in sample]
         return AttentionMeta(
             slots, self.model.rope_at(positions), last, decode, prefill,
-            sample_rows, torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+            sample_rows, self._tensor(sample_rows),
         )
 
     def _gather(self, rows: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,26 +99,29 @@ class Engine:
         bias = None
         if min(starts) + 1 < L:
             # One query per request sees its whole sequence; the bias only hides other requests' padding.
-            ends = torch.tensor(starts, dtype=torch.int64, device=self.device) + 1
+            ends = self._tensor(starts) + 1
             keys = torch.arange(L, device=self.device)
             bias = torch.zeros(B, L, dtype=self.model.dtype, device=self.device).masked_fill_(keys[None, :] >= ends[:, None], float("-inf"))
             bias = bias.view(1, B, 1, L).expand(self.model.n_kv, B, 1, L).reshape(-1, 1, L)
         return DecodeView(rows, gather, buf, B, L, bias)
 
     def _prefill_view(self, rows: torch.Tensor, starts: list[int], lens: list[int]) -> PrefillView:
-        dev = self.device
         B, N = len(lens), max(lens)
         ends = [s + n for s, n in zip(starts, lens)]
         L = max(ends)
         gather, buf = self._gather(rows, L)
-        keys = torch.arange(L, device=dev)
-        q_pos = torch.tensor(starts, dtype=torch.int64, device=dev)[:, None] + torch.arange(N, device=dev)[None, :]
-        ends_t = torch.tensor(ends, dtype=torch.int64, device=dev)
-        mask = ((keys[None, None, :] <= q_pos[:, :, None]) & (keys[None, None, :] < ends_t[:, None, None])).unsqueeze(1)
-        # Padded queries repeat the request's last token; their outputs are dropped by out_index.
         offsets = [0]
         for n in lens:
             offsets.append(offsets[-1] + n)
-        q_index = torch.tensor([offsets[b] + min(j, lens[b] - 1) for b in range(B) for j in range(N)], device=dev)
-        out_index = torch.tensor([b * N + j for b in range(B) for j in range(lens[b])], device=dev)
+        if B == 1:
+            # One prompt (or chunk) after its cached prefix: plain causal attention aligned to the last key,
+            # which lets SDPA skip the masked half (measured 2x faster than an explicit mask at 4k tokens).
+            return PrefillView(gather, buf, 1, L, N, causal_lower_right(N, L), None, None)
+        keys = torch.arange(L, device=self.device)
+        q_pos = self._tensor(starts)[:, None] + torch.arange(N, device=self.device)[None, :]
+        ends_t = self._tensor(ends)
+        mask = ((keys[None, None, :] <= q_pos[:, :, None]) & (keys[None, None, :] < ends_t[:, None, None])).unsqueeze(1)
+        # Padded queries repeat the request's last token; their outputs are dropped by out_index.
+        q_index = self._tensor([offsets[b] + min(j, lens[b] - 1) for b in range(B) for j in range(N)])
+        out_index = self._tensor([b * N + j for b in range(B) for j in range(lens[b])])
         return PrefillView(gather, buf, B, L, N, mask, q_index, out_index)

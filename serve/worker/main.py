@@ -33,7 +33,7 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     if tp > 1:
         dist.init_process_group(placement.backend, init_method=eps.dist_init, rank=rank, world_size=tp)
     started = time.monotonic()
-    model = Model(model_info.hf_dir, rank, tp, placement.dtype, placement.device)
+    model = Model(model_info.hf_dir, rank, tp, placement.dtype, placement.device, config.model.quantization)
     engine = Engine(model, config.engine.kv_pool_tokens, config.engine.max_running_requests, model_info.max_model_len)
     load_s = time.monotonic() - started
 
@@ -41,7 +41,7 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     plans = socket(ctx, zmq.SUB, eps.plan, bind=False)
     results = socket(ctx, zmq.PUSH, eps.results, bind=False)
     reporter.ready(
-        device=str(placement.device), dtype=str(placement.dtype).removeprefix("torch."), threads=threads,
+        device=str(placement.device), dtype=str(placement.dtype).removeprefix("torch."), quantization=config.model.quantization, threads=threads,
         load_s=round(load_s, 1), kv_mb=engine.kv_bytes() // 2**20,
     )
     while True:
