@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from serve.device import cpu_has_native_bf16
 from tests.conftest import TINY_NAME
 from tests.server import Server, alive
 
@@ -99,3 +100,26 @@ def test_startup_timeout_names_who_was_not_ready(tmp_path, tiny_model):
     assert "timed out after" in result.stderr and "waiting for:" in result.stderr and "worker-0" in result.stderr
     left = subprocess.run(["pgrep", "-f", "serve:(api|tokenizer|scheduler|worker|detokenizer)"], capture_output=True, text=True)
     assert left.stdout == ""
+
+
+@pytest.mark.parametrize("flags, dtype", [
+    (["--dtype", "bfloat16"], "bfloat16"),
+    (["--dtype", "float16"], "float16"),
+    (["--dtype", "auto"], "bfloat16" if cpu_has_native_bf16() else "float32"),
+    (["--quantization", "int8"], "float32"),
+], ids=["bfloat16", "float16", "auto", "int8"])
+def test_every_dtype_serves(tiny_model, flags, dtype):
+    # What a user picks in the config is what the worker runs (its banner line says so), and it answers.
+    with Server("--model", str(tiny_model), "--served-name", TINY_NAME, *flags) as server:
+        worker_line = next(line for line in server.read_log().splitlines() if "serve:worker-0" in line)
+        assert f"dtype={dtype}" in worker_line
+        if "int8" in flags:
+            assert "quantization=int8" in worker_line
+        reply = server.client().completions.create(model=TINY_NAME, prompt="Once upon a time", max_tokens=8, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 8 and reply.choices[0].text
+
+
+def test_int8_needs_float32(tiny_model):
+    result = launch("--model", str(tiny_model), "--quantization", "int8", "--dtype", "bfloat16")
+    assert result.returncode == 2 and "int8 needs dtype float32" in result.stderr

@@ -45,28 +45,33 @@ class Sampler:
         if all(p.temperature <= 0 for p in params):
             return greedy
         V = logits.shape[1]
-        temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=logits.device)
+        temps = self._tensor([max(p.temperature, 1e-5) for p in params], torch.float32)
         x = logits / temps[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             x = self._truncate(x, params)
         probs = torch.softmax(x, dim=-1)
         noise = torch.stack([torch.empty(V, device=logits.device).exponential_(generator=self._reseed(p)) for p in params])
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.temperature <= 0 for p in params], device=logits.device)
+        is_greedy = self._tensor([p.temperature <= 0 for p in params], torch.bool)
         return torch.where(is_greedy, greedy, sampled)
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """Through pinned memory on CUDA, so the upload does not stall the host (see Engine._tensor)."""
+        pinned = self.device.type == "cuda"
+        t = torch.tensor(values, dtype=dtype, pin_memory=pinned)
+        return t.to(self.device, non_blocking=True) if pinned else t
 
     @staticmethod
     def _reseed(p: RowSampling) -> torch.Generator:
         p.generator.manual_seed((p.seed + p.produced * 0x9E3779B97F4A7C15) % (1 << 63))
         return p.generator
 
-    @staticmethod
-    def _truncate(x: torch.Tensor, params: list[RowSampling]) -> torch.Tensor:
+    def _truncate(self, x: torch.Tensor, params: list[RowSampling]) -> torch.Tensor:
         V = x.shape[1]
         sorted_x, order = x.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=x.device)[None, :]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=x.device)
-        top_p = torch.tensor([p.top_p for p in params], device=x.device)
+        top_k = self._tensor([p.top_k if p.top_k > 0 else V for p in params], torch.int64)
+        top_p = self._tensor([p.top_p for p in params], torch.float32)
         probs = torch.softmax(sorted_x, dim=-1)
         # Mass strictly before each token: the most likely token always survives.
         before = probs.cumsum(dim=-1) - probs
