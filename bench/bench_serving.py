@@ -27,12 +27,12 @@ from tests.server import Server  # the same launcher wrapper the tests use
 
 PROMPT_TOKENS = 64
 
-def load_engine_model(folder: str, dtype_name: str):
+def load_engine_model(folder: str, dtype_name: str, quantization: str):
     from serve.device import place
     from serve.worker.model import Model
 
     placement = place(0, dtype_name)
-    return Model(folder, 0, 1, placement.dtype, placement.device)
+    return Model(folder, 0, 1, placement.dtype, placement.device, quantization)
 
 
 def engine_step_ms(model, B: int, steps: int, repeats: int = 3) -> float:
@@ -146,6 +146,7 @@ async def served_round(url: str, name: str, concurrency: int, requests_per_clien
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default="none", choices=["none", "int8"])
     p.add_argument("--concurrency", default="1,8,16,32,64")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
@@ -155,16 +156,17 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     folder = model_dir()
 
-    report: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    flags = ["--config", CONFIG, "--dtype", args.dtype, "--quantization", args.quantization]
+    report: dict = {"quantization": args.quantization, "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                 "python": platform.python_version()}, "model": "SmolLM2-135M-Instruct"}
-    model = load_engine_model(folder, args.dtype)
+    model = load_engine_model(folder, args.dtype, args.quantization)
     report["engine"] = engine_steps(model, levels, args.steps)
     dtype = report["engine"]["dtype"]
     if args.hf:
         report["hf"] = hf_steps(folder, dtype, levels, max(8, args.steps // 3))
     report["served"] = {}
     report["overlap"] = {"on": {}, "off": {}}
-    with Server("--config", CONFIG, "--dtype", dtype) as server:
+    with Server(*flags) as server:
         for c in levels:
             rounds = 4 if c == 1 else 2
             res = asyncio.run(served_round(server.url, "SmolLM2-135M-Instruct", c, rounds, args.max_tokens))
@@ -172,13 +174,13 @@ def main() -> None:
             print(f"served  conc. {c:>2}: {res}", flush=True)
         for c in (1, 8):
             report["overlap"]["on"][str(c)] = control_plane_cost(model, server.url, c, args.steps, args.max_tokens)
-    with Server("--config", CONFIG, "--dtype", dtype, "--no-overlap") as server:
+    with Server(*flags, "--no-overlap") as server:
         for c in (1, 8):
             report["overlap"]["off"][str(c)] = control_plane_cost(model, server.url, c, args.steps, args.max_tokens)
     print(json.dumps(report["overlap"]), flush=True)
 
     print()
-    print(f"SmolLM2-135M-Instruct, {dtype}, {report['machine']['cores']} cores")
+    print(f"SmolLM2-135M-Instruct, {dtype}, quantization {args.quantization}, {report['machine']['cores']} cores")
     print("| batch / concurrency | engine step (ms) | engine tok/s | " + ("HF step (ms) | HF tok/s | " if args.hf else "")
           + "served TTFT p50 (ms) | served ITL p50 (ms) | served decode tok/s | served output tok/s |")
     print("|---|---|---|" + ("---|---|" if args.hf else "") + "---|---|---|---|")

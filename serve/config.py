@@ -39,9 +39,9 @@ class EngineConfig:
     max_running_requests: int = 64
     # 0 means the model's own context length.
     max_model_len: int = 0
-    # Chunked prefill: each step decodes every running request and fills the rest of this many tokens
-    # with prompt chunks, so a long prompt never stalls running streams. 0: prompts are prefilled whole,
-    # in steps of their own holding up to max_prefill_tokens.
+    # Chunked prefill: each step decodes every running request and adds up to this many prompt tokens
+    # (a long prompt goes in chunks), so a long prompt never stalls running streams. 0: prompts are
+    # prefilled whole, in steps of their own holding up to max_prefill_tokens.
     chunked_prefill_tokens: int = 256
     max_prefill_tokens: int = 4096
     # Reuse the KV of shared prompt prefixes (radix tree in the scheduler).

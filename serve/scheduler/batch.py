@@ -5,8 +5,8 @@ one token per step once decoding. A step computes a slice of that for several re
 token for each request whose slice reaches its end.
 
 - Unchunked: a step is either a prefill of whole prompts or a decode of every running request.
-- Chunked: every step decodes all running requests and spends the rest of its token budget on prompt
-  chunks, so a long prompt never stalls the streams already running.
+- Chunked: every step decodes all running requests and adds up to a budget of prompt tokens (whole
+  short prompts, or a chunk of a long one), so a long prompt never stalls the streams already running.
 
 With the prefix cache on, admission first looks the prompt up in the radix tree and computes only
 what is not cached; a prompt enters the tree once prefilled, and a request's whole sequence when it
@@ -178,16 +178,16 @@ class Batcher:
         if not self._room_for(decoding, may_preempt):
             return None
         work = [(r, 1) for r in decoding if r.row >= 0]
-        planned = len(work)  # slots this step will take
+        taken, budget = len(work), self.step_tokens  # slots this step takes; prompt tokens it may still add
         for req in [r for r in self.running if r.todo > 1]:  # a prompt chunked in earlier steps goes on first
-            n = min(req.todo, self.step_tokens - planned, self.available() - planned)
+            n = min(req.todo, budget, self.available() - taken)
             if n > 0:
                 work.append((req, n))
-                planned += n
-        while planned < self.step_tokens and (req := self._admit(0, planned)) is not None:
-            n = min(req.todo, self.step_tokens - planned)
+                taken, budget = taken + n, budget - n
+        while budget > 0 and (req := self._admit(0, taken)) is not None:
+            n = min(req.todo, budget)
             work.append((req, n))
-            planned += n
+            taken, budget = taken + n, budget - n
         return self._plan(work) if work else None
 
     def _at_limit(self, req: Req) -> bool:
