@@ -31,7 +31,7 @@ from serve.scheduler.radix import Node, RadixCache
 PENDING = -1
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: list membership and removal by identity
 class Req:
     rid: str
     api_id: bytes
