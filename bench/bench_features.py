@@ -79,19 +79,23 @@ async def chunk_round(url: str, long_prompt: str, streams: int = 8, quiet_s: flo
             "long_prompt_ttft_ms": round(long["ttft"] * 1000, 1)}
 
 
+def table(header: list[str], rows: list[list]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
+    print()
+
+
 def print_table(report: dict) -> None:
     print()
     if "prefix_cache" in report:
-        print("| prefix cache | first TTFT (ms) | later TTFT p50 (ms) | first / later |")
-        print("|---|---|---|---|")
-        for mode, r in report["prefix_cache"].items():
-            print(f"| {mode} | {r['first_ttft_ms']} | {r['later_ttft_ms_p50']} | {r['speedup']} |")
-        print()
+        table(["prefix cache", "first TTFT (ms)", "later TTFT p50 (ms)", "first / later"],
+              [[m, r["first_ttft_ms"], r["later_ttft_ms_p50"], r["speedup"]] for m, r in report["prefix_cache"].items()])
     if "chunked_prefill" in report:
-        print("| prefill | ITL p99 quiet (ms) | ITL p99 while a long prompt arrives (ms) | ratio | long prompt TTFT (ms) |")
-        print("|---|---|---|---|---|")
-        for mode, r in report["chunked_prefill"].items():
-            print(f"| {mode} | {r['quiet_itl_ms']['p99']} | {r['busy_itl_ms']['p99']} | {r['p99_ratio']} | {r['long_prompt_ttft_ms']} |")
+        table(["prefill", "ITL p99 quiet (ms)", "ITL p99 while a long prompt arrives (ms)", "ratio", "long prompt TTFT (ms)"],
+              [[m, r["quiet_itl_ms"]["p99"], r["busy_itl_ms"]["p99"], r["p99_ratio"], r["long_prompt_ttft_ms"]]
+               for m, r in report["chunked_prefill"].items()])
 
 
 def main() -> None:
