@@ -49,6 +49,13 @@ class Req:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def tokens_at(self, start: int, n: int) -> list[int]:
+        """tokens[start:start + n] without building the whole list (this runs for every request every step)."""
+        P = len(self.prompt_ids)
+        if start >= P:
+            return self.output_ids[start - P:start - P + n]
+        return self.prompt_ids[start:start + n] + self.output_ids[:max(0, start + n - P)]
+
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -219,7 +226,7 @@ class Batcher:
             self._take(req, n)
             rows.append(req.row)
             starts.append(start)
-            ids.extend(req.tokens[start:start + n])
+            ids.extend(req.tokens_at(start, n))
             slots.extend(req.slots[start:start + n])
             offsets.append(len(ids))
             if req.fresh:
