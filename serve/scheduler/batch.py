@@ -180,7 +180,8 @@ class Batcher:
                 return self._plan([(r, r.todo) for r in admitted])
             if not self._room_for(decoding, may_preempt):
                 return None
-            return self._plan([(r, 1) for r in self.running if r in decoding]) if decoding else None
+            work = [(r, 1) for r in decoding if r.row >= 0]  # minus any just preempted
+            return self._plan(work) if work else None
 
         if not self._room_for(decoding, may_preempt):
             return None

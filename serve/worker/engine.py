@@ -83,7 +83,7 @@ class Engine:
         sample_rows = [plan.rows[i] for i in sample]
         return AttentionMeta(
             slots, self.model.rope_at(positions), last, decode, prefill,
-            sample_rows, self._tensor(sample_rows),
+            sample_rows, rows if not skip else self._tensor(sample_rows),
         )
 
     def _gather(self, rows: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
