@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--only", choices=["prefix", "chunked"])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "features.json"))
     args = p.parse_args()
-    from serve.tokenizer.text import TextTokenizer
+    from serve.text import TextTokenizer
 
     tokenizer = TextTokenizer(model_dir())
     report: dict = {"model": "SmolLM2-135M-Instruct"}

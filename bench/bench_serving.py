@@ -49,7 +49,7 @@ def engine_step_ms(model, B: int, steps: int, repeats: int = 3) -> float:
     for _ in range(repeats):
         started = time.perf_counter()
         for _ in range(steps):
-            out = [o + [t] for o, t in zip(out, engine.step(runner.decode_plan(prompts, out)))]
+            out = [o + [t] for o, t in zip(out, engine.step(runner.decode_plan(prompts, out))[0])]
         runs.append((time.perf_counter() - started) / steps * 1000)
     return statistics.median(runs)
 

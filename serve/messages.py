@@ -32,12 +32,41 @@ def message(tag: int):
 
 @dataclass
 class SamplingParams:
+    """What a request asks of generation. The scheduler applies the stop and length rules, the workers'
+    sampler the rest; the detokenizer uses `stop` and `include_stop_str_in_output` to cut the text."""
+
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: on tokens generated so far
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # HF/vLLM's: on prompt and generated tokens, divides positive logits
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
     ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: none; k: each sampled token's logprob and its top k alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (completions' echo)
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+@dataclass
+class Logprobs:
+    """Log-probabilities of some tokens under the model's raw distribution (before temperature,
+    penalties or truncation, as vLLM reports them), with each position's top alternatives."""
+
+    token_ids: list[int]  # the chosen token at each position (for a prompt: the actual next token)
+    token_logprobs: list[float | None]  # its logprob (None only for a prompt's first token, which has no context)
+    top_ids: list[list[int]]  # per position: the k most likely ids, most likely first (empty lists when k = 0)
+    top_logprobs: list[list[float]]
 
 
 # --- api -> tokenizer -> scheduler -------------------------------------------------------------
@@ -51,6 +80,7 @@ class GenerateRequest:
     prompt_ids: list[int] | None  # already-tokenized input
     max_tokens: int | None  # None: whatever the context has left
     sampling: SamplingParams
+    group: str | None = None  # the n samples of one prompt share a group: one prefill serves them all
     sent_ns: int = 0
 
 
@@ -60,12 +90,31 @@ class TokenizedRequest:
     api_id: bytes  # ZeroMQ identity of the api process that holds the HTTP connection
     input_ids: list[int]
     sampling: SamplingParams
+    group: str | None = None
     sent_ns: int = 0
 
 
 @message(3)
 class AbortRequest:
     rid: str
+
+
+@message(5)
+class TokenizeRequest:
+    """/tokenize and /detokenize, answered by the tokenizer process (the api loads no tokenizer)."""
+
+    rid: str
+    text: str | None = None
+    messages: list[dict] | None = None
+    add_special_tokens: bool = True
+    token_ids: list[int] | None = None  # set: detokenize these instead
+
+
+@message(6)
+class TokenizeReply:
+    rid: str
+    token_ids: list[int]
+    text: str
 
 
 @message(4)
@@ -94,6 +143,8 @@ class StepPlan:
     the token the workers sampled last for that row (planned before that step's result came back).
     Every request samples one token, except those listed in `skip` (a prompt chunk short of its end).
     Requests with one new token come first (the engine runs them as decodes).
+    Requests listed in `score` also want their prompt's logprobs: position j of their new tokens is
+    scored against `score_targets[i][j]`, the prompt's next token, for as many positions as it has targets.
     """
 
     step: int
@@ -106,7 +157,11 @@ class StepPlan:
     new_sampling: list[SamplingParams] = field(default_factory=list)
     new_prefix: list[list[int]] = field(default_factory=list)
     new_produced: list[int] = field(default_factory=list)  # tokens it produced before (re)admission
+    new_history: list[list[int]] = field(default_factory=list)  # all its tokens, for penalties (else [])
     skip: list[int] = field(default_factory=list)
+    score: list[int] = field(default_factory=list)
+    score_targets: list[list[int]] = field(default_factory=list)
+    score_k: list[int] = field(default_factory=list)  # top alternatives per scored position
     sent_ns: int = 0
 
 
@@ -114,6 +169,8 @@ class StepPlan:
 class StepResult:
     step: int
     token_ids: list[int]  # one sampled token per request of the plan not in `skip`, in plan order
+    logprobs: list[Logprobs | None] = field(default_factory=list)  # per token, if any request asked; else empty
+    prompt_logprobs: list[Logprobs] = field(default_factory=list)  # per entry of the plan's `score`
     sent_ns: int = 0
 
 
@@ -147,6 +204,11 @@ class TokenBatch:
     prompt_tokens: list[int]
     completion_tokens: list[int]
     cached_tokens: list[int] = field(default_factory=list)  # prompt tokens served from the prefix cache
+    stop: list[list[str]] = field(default_factory=list)  # the request's stop strings, for cutting its text
+    include_stop: list[bool] = field(default_factory=list)
+    min_tokens: list[int] = field(default_factory=list)  # no stop string counts before this many tokens
+    logprobs: list[Logprobs | None] = field(default_factory=list)  # empty when no request in the batch asked
+    prompt_logprobs: list[Logprobs | None] = field(default_factory=list)
     sent_ns: int = 0
 
 
@@ -159,6 +221,20 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    logprobs: TextLogprobs | None = None  # of token_ids
+    prompt_logprobs: TextLogprobs | None = None  # with the first output only
+
+
+@dataclass
+class TextLogprobs:
+    """Logprobs as the api shows them: tokens as text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_tokens: list[list[str]]
+    top_logprobs: list[list[float]]
+    token_ids: list[int] = field(default_factory=list)  # the same tokens as ids (return_tokens_as_token_ids)
+    top_ids: list[list[int]] = field(default_factory=list)
 
 
 @message(22)
@@ -223,7 +299,7 @@ def _from_wire(hint: Any, value: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
-        if dataclasses.is_dataclass(item):
+        if dataclasses.is_dataclass(item) or _union_of_dataclass(item):
             return [_from_wire(item, v) for v in value]
         return value
     if origin is typing.Union or type(hint).__name__ == "UnionType":
@@ -231,6 +307,11 @@ def _from_wire(hint: Any, value: Any) -> Any:
             if dataclasses.is_dataclass(arg):
                 return _from_wire(arg, value)
     return value
+
+
+def _union_of_dataclass(hint: Any) -> bool:
+    return (typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType") and any(
+        dataclasses.is_dataclass(a) for a in typing.get_args(hint))
 
 
 def encode(msg: Any) -> bytes:

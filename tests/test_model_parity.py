@@ -96,9 +96,9 @@ def run_sampled(model: Model, prompts: list[list[int]], params: list[SamplingPar
         offsets.append(offsets[-1] + len(p))
     slots = [row * MAX_LEN + i for row, p in zip(rows, prompts) for i in range(len(p))]
     plan = StepPlan(1, rows, [0] * len(prompts), offsets, [t for p in prompts for t in p], slots, rows, params)
-    out = [[t] for t in r.engine.step(plan)]
+    out = [[t] for t in r.engine.step(plan)[0]]
     for _ in range(NEW_TOKENS - 1):
-        out = [o + [t] for o, t in zip(out, r.engine.step(r.decode_plan(prompts, out)))]
+        out = [o + [t] for o, t in zip(out, r.engine.step(r.decode_plan(prompts, out))[0])]
     return out
 
 

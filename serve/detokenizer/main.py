@@ -1,53 +1,55 @@
 """The detokenizer process: token ids in, text deltas out, routed to the api process that holds each request.
 
-Incremental decoding keeps two offsets per request: text is emitted only once it no longer ends in a
-partial UTF-8 character (U+FFFD), and always from a short window of recent tokens, so the cost per
-token stays constant however long the output grows.
+Each request's text comes from a `TextStream` (serve/stops.py), which also cuts it at a stop string.
+Logprobs are turned into token text here too, since this is the process that has the tokenizer.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import zmq
 
 from serve.config import Config
 from serve.ipc import Endpoints, recv, socket
-from serve.messages import OutputBatch, RequestOutput, TokenBatch, encode
+from serve.messages import Logprobs, OutputBatch, RequestOutput, TextLogprobs, TokenBatch, encode
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
-from serve.tokenizer.text import TextTokenizer
+from serve.stops import TextStream
+from serve.text import TextTokenizer
 
 log = logging.getLogger("serve.detokenizer")
-
-
-@dataclass
-class Stream:
-    ids: list[int] = field(default_factory=list)
-    prefix: int = 0  # start of the window decoded for context
-    read: int = 0  # tokens up to here have been emitted as text
 
 
 class Detokenizer:
     def __init__(self, tokenizer: TextTokenizer) -> None:
         self.tokenizer = tokenizer
-        self.streams: dict[str, Stream] = {}
+        self.streams: dict[str, TextStream] = {}
+        self.pieces: dict[int, str] = {}  # token id -> its text, for logprobs
 
-    def push(self, rid: str, token: int, finished: bool) -> tuple[str, list[int]]:
-        s = self.streams.setdefault(rid, Stream())
+    def push(self, rid: str, token: int, finished: bool, stop: list[str], include_stop: bool, may_stop: bool) -> tuple[str, list[int]]:
+        s = self.streams.get(rid)
+        if s is None:
+            s = self.streams[rid] = TextStream(self.tokenizer.decode, stop, include_stop)
         new_ids = [token] if token >= 0 else []
-        s.ids.extend(new_ids)
-        before = self.tokenizer.decode(s.ids[s.prefix:s.read])
-        text = self.tokenizer.decode(s.ids[s.prefix:])
-        delta = ""
-        if len(text) > len(before) and (finished or not text.endswith("\ufffd")):
-            delta = text[len(before):]
-            s.prefix, s.read = s.read, len(s.ids)
+        text = s.push(new_ids, finished, may_stop)
         if finished:
             del self.streams[rid]
-        return delta, new_ids
+        return text, new_ids
+
+    def piece(self, token: int) -> str:
+        if token not in self.pieces:
+            self.pieces[token] = self.tokenizer.decode_piece(token)
+        return self.pieces[token]
+
+    def text_logprobs(self, lp: Logprobs | None) -> TextLogprobs | None:
+        if lp is None:
+            return None
+        return TextLogprobs(
+            [self.piece(t) for t in lp.token_ids], lp.token_logprobs,
+            [[self.piece(t) for t in top] for top in lp.top_ids], lp.top_logprobs, lp.token_ids, lp.top_ids,
+        )
 
 
 def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -> None:
@@ -63,10 +65,17 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
         per_api: dict[bytes, list[RequestOutput]] = defaultdict(list)
         for i, rid in enumerate(batch.rids):
             reason = batch.finish_reasons[i]
-            text, ids = detok.push(rid, batch.token_ids[i], reason is not None)
-            per_api[batch.api_ids[i]].append(
-                RequestOutput(rid, text, ids, reason, batch.prompt_tokens[i], batch.completion_tokens[i], batch.cached_tokens[i])
-            )
+            stop = batch.stop[i] if batch.stop else []
+            include = bool(batch.include_stop and batch.include_stop[i])
+            # The scheduler finishes a request on the token that completes a stop string; stopping
+            # earlier here than there is impossible, as both run the same TextStream over the same tokens.
+            may_stop = batch.completion_tokens[i] >= batch.min_tokens[i] if batch.min_tokens else True
+            text, ids = detok.push(rid, batch.token_ids[i], reason is not None, stop, include, may_stop)
+            per_api[batch.api_ids[i]].append(RequestOutput(
+                rid, text, ids, reason, batch.prompt_tokens[i], batch.completion_tokens[i], batch.cached_tokens[i],
+                detok.text_logprobs(batch.logprobs[i]) if batch.logprobs else None,
+                detok.text_logprobs(batch.prompt_logprobs[i]) if batch.prompt_logprobs else None,
+            ))
         for api_id, outputs in per_api.items():
             try:
                 apis.send_multipart([api_id, encode(OutputBatch(outputs, batch.sent_ns))])

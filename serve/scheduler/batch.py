@@ -24,9 +24,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from serve.messages import SamplingParams, StepPlan
+from typing import Callable
+
+from serve.messages import Logprobs, SamplingParams, StepPlan
 from serve.scheduler.pool import KVPool
 from serve.scheduler.radix import Node, RadixCache
+from serve.stops import TextStream
 
 PENDING = -1
 
@@ -44,6 +47,9 @@ class Req:
     node: Node | None = None  # deepest prefix-cache node this request locks
     cached_tokens: int = 0  # prompt tokens found in the cache at admission
     fresh: bool = False  # admitted, not yet in a plan: the workers must set up its row's sampler
+    group: str | None = None  # n samples of one prompt: the first prefills it, the others reuse its cache
+    text: TextStream | None = None  # its output as text, when it has stop strings
+    prompt_lp: Logprobs | None = None  # prompt logprobs gathered so far, when asked for
 
     @property
     def tokens(self) -> list[int]:
@@ -68,20 +74,23 @@ class Req:
 @dataclass
 class Finished:
     req: Req
-    token: int  # -1 for an abort
+    token: int  # -1 for an abort (or for the token a max_tokens=0 request samples and drops)
     reason: str | None
     completion_tokens: int = 0
+    logprobs: Logprobs | None = None
+    prompt_logprobs: Logprobs | None = None  # with a request's first output
 
 
 @dataclass
 class Step:
     plan: StepPlan
     samplers: list[tuple[Req, int]]  # per sampled token: its request and its index in output_ids
+    scorers: list[Req] = field(default_factory=list)  # per entry of plan.score
 
 
 class Batcher:
     def __init__(self, pool: KVPool, max_model_len: int, step_tokens: int, eos_ids: list[int],
-                 chunked: bool = True, prefix_cache: bool = True) -> None:
+                 chunked: bool = True, prefix_cache: bool = True, decode: Callable[[list[int]], str] | None = None) -> None:
         self.pool = pool
         self.step_tokens = step_tokens
         self.chunked = chunked
@@ -93,6 +102,8 @@ class Batcher:
         self.running: list[Req] = []  # in admission order
         self.step_no = 0
         self.preemptions = 0
+        self.decode = decode  # for stop strings
+        self.groups: dict[str, Req | None] = {}  # group -> its leader while that prefills, None once cached
 
     # --- slots ---------------------------------------------------------------------------------
 
@@ -129,19 +140,40 @@ class Batcher:
     # --- arrivals and departures ---------------------------------------------------------------
 
     def add(self, req: Req) -> None:
+        if req.sampling.stop and self.decode is not None:
+            req.text = TextStream(self.decode, req.sampling.stop, req.sampling.include_stop_str_in_output)
         self.waiting.append(req)
 
     def abort(self, rid: str) -> Req | None:
         for req in self.waiting:
             if req.rid == rid:
                 self.waiting.remove(req)
+                self._leader_done(req)
                 return req
         for req in self.running:
             if req.rid == rid:
                 self.running.remove(req)
                 self._release(req, keep=False)
+                self._leader_done(req)
                 return req
         return None
+
+    def _waits_for_group(self, req: Req) -> bool:
+        """A sample of an n > 1 request waits while its group's first sample prefills the shared prompt,
+        then finds that prompt in the cache."""
+        if req.group is None or self.cache is None:
+            return False
+        leader = self.groups.setdefault(req.group, req)
+        if leader is None or leader is req:
+            if not any(r.group == req.group for r in self.waiting if r is not req):
+                self.groups.pop(req.group, None)  # the last of its group to be admitted
+            return False
+        return True
+
+    def _leader_done(self, req: Req) -> None:
+        """The leader's prompt is cached (or it is gone): the rest of its group may go."""
+        if req.group is not None and self.groups.get(req.group) is req:
+            self.groups[req.group] = None
 
     def _admit(self, budget: int, reserve: int) -> Req | None:
         """Moves the head of the queue to running if its prompt fits in the pool, keeping `reserve`
@@ -149,7 +181,9 @@ class Batcher:
         if not self.waiting or not self.pool.rows.free:
             return None
         req = self.waiting[0]
-        if self.cache:
+        if self._waits_for_group(req):
+            return None
+        if self.cache and req.sampling.prompt_logprobs is None:  # prompt logprobs need the whole prompt computed
             # At least the last prompt token is computed: its logits give the first output token.
             slots, node = self.cache.match(req.tokens[:-1])
             self.cache.lock(node)
@@ -212,6 +246,8 @@ class Batcher:
         return True
 
     def _preempt(self, req: Req) -> None:
+        if not req.output_ids:
+            req.prompt_lp = None  # it is scored again from the start
         self.running.remove(req)
         self._release(req, keep=True)
         self.waiting.appendleft(req)
@@ -221,7 +257,8 @@ class Batcher:
         # Single-token entries (decodes) first: the engine runs them with its decode attention.
         work.sort(key=lambda w: w[1] > 1)
         rows, starts, offsets, ids, slots, skip, samplers = [], [], [0], [], [], [], []
-        new_rows, new_sampling, new_prefix, new_produced = [], [], [], []
+        new_rows, new_sampling, new_prefix, new_produced, new_history = [], [], [], [], []
+        score, score_targets, score_k, scorers = [], [], [], []
         for i, (req, n) in enumerate(work):
             start = len(req.slots)
             self._take(req, n)
@@ -236,37 +273,67 @@ class Batcher:
                 new_sampling.append(req.sampling)
                 new_prefix.append(req.slots[:start])
                 new_produced.append(len(req.output_ids))
+                new_history.append(req.tokens if req.sampling.penalized else [])
+            if req.sampling.prompt_logprobs is not None and not req.output_ids:
+                targets = req.prompt_ids[start + 1:start + n + 1]  # the last prompt token's target is sampled
+                if targets:
+                    score.append(i)
+                    score_targets.append(targets)
+                    score_k.append(req.sampling.prompt_logprobs)
+                    scorers.append(req)
             if req.todo == 0:  # this slice reaches the end of what is known: sample the next token
                 req.output_ids.append(PENDING)
                 samplers.append((req, len(req.output_ids) - 1))
                 if self.cache and len(req.output_ids) == 1:
                     self._cache_tokens(req, len(req.prompt_ids))  # later requests may share this prompt
+                    self._leader_done(req)
             else:
                 skip.append(i)
         self.step_no += 1
-        plan = StepPlan(self.step_no, rows, starts, offsets, ids, slots, new_rows, new_sampling, new_prefix, new_produced, skip)
-        return Step(plan, samplers)
+        plan = StepPlan(self.step_no, rows, starts, offsets, ids, slots, new_rows, new_sampling, new_prefix, new_produced,
+                        new_history, skip, score, score_targets, score_k)
+        return Step(plan, samplers, scorers)
 
     # --- results -------------------------------------------------------------------------------
 
-    def apply(self, step: Step, tokens: list[int]) -> list[Finished]:
+    def apply(self, step: Step, tokens: list[int], logprobs: list[Logprobs | None] | None = None,
+              prompt_logprobs: list[Logprobs] | None = None) -> list[Finished]:
         """Records the step's sampled tokens; returns every request's news, finished or not."""
+        for req, lp in zip(step.scorers, prompt_logprobs or []):
+            if req.row >= 0:
+                req.prompt_lp = _extend(req.prompt_lp, lp) if req.prompt_lp else _first_prompt_token(req, lp)
         news = []
-        for (req, i), token in zip(step.samplers, tokens):
+        for k, ((req, i), token) in enumerate(zip(step.samplers, tokens)):
             if req.row < 0:  # finished, aborted or preempted while the step was in flight
                 continue
             req.output_ids[i] = token
-            reason = None
-            if token in self.eos_ids and not req.sampling.ignore_eos:
-                reason = "stop"
-            elif i + 1 >= req.sampling.max_new_tokens or len(req.prompt_ids) + i + 1 >= self.max_len:
-                reason = "length"
+            reason = self._finish_reason(req, i, token)
             if reason:
                 del req.output_ids[i + 1:]  # a token planned after this one will be dropped
                 self.running.remove(req)
                 self._release(req, keep=True)
-            news.append(Finished(req, token, reason, i + 1))
+            lp = logprobs[k] if logprobs else None
+            first_lp = None
+            if i == 0 and req.sampling.prompt_logprobs is not None:
+                first_lp = req.prompt_lp or _first_prompt_token(req, Logprobs([], [], [], []))
+            if req.sampling.max_new_tokens == 0:  # a prompt scored alone (echo): its one sample is dropped
+                news.append(Finished(req, -1, reason, 0, None, first_lp))
+            else:
+                news.append(Finished(req, token, reason, i + 1, lp, first_lp))
         return news
+
+    def _finish_reason(self, req: Req, i: int, token: int) -> str | None:
+        p = req.sampling
+        may_stop = i + 1 >= p.min_tokens
+        if may_stop and ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
+            return "stop"
+        if req.text is not None:
+            req.text.push([token], may_stop=may_stop)
+            if req.text.stopped:
+                return "stop"
+        if i + 1 >= p.max_new_tokens or len(req.prompt_ids) + i + 1 >= self.max_len:
+            return "length"
+        return None
 
     def stats(self) -> dict[str, int]:
         cached = self.cache.evictable if self.cache else 0
@@ -276,3 +343,13 @@ class Batcher:
             "pool_tokens_free": self.pool.slots.free, "cache_hit_tokens": self.cache.hits if self.cache else 0,
             "rows_used": self.pool.rows.used, "rows_free": self.pool.rows.free,
         }
+
+
+def _first_prompt_token(req: Req, lp: Logprobs) -> Logprobs:
+    """A prompt's logprobs start with its first token, which has none (OpenAI's echo shows null)."""
+    return _extend(Logprobs([req.prompt_ids[0]], [None], [[]], [[]]), lp)
+
+
+def _extend(a: Logprobs, b: Logprobs) -> Logprobs:
+    return Logprobs(a.token_ids + b.token_ids, a.token_logprobs + b.token_logprobs, a.top_ids + b.top_ids,
+                    a.top_logprobs + b.top_logprobs)

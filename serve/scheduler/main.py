@@ -23,6 +23,7 @@ from serve.model_files import ModelInfo
 from serve.proc import Reporter
 from serve.scheduler.batch import Batcher, Finished, Req, Step
 from serve.scheduler.pool import KVPool
+from serve.text import TextTokenizer
 
 log = logging.getLogger("serve.scheduler")
 
@@ -35,6 +36,7 @@ class Scheduler:
         self.batcher = Batcher(
             pool, model.max_model_len, e.chunked_prefill_tokens or e.max_prefill_tokens, model.eos_token_ids,
             chunked=e.chunked_prefill_tokens > 0, prefix_cache=e.prefix_cache,
+            decode=TextTokenizer(model.hf_dir).decode,
         )
         self.depth = 2 if e.overlap else 1
         ctx = zmq.Context.instance()
@@ -93,7 +95,7 @@ class Scheduler:
 
     def _on_request(self, msg: object) -> None:
         if isinstance(msg, TokenizedRequest):
-            self.batcher.add(Req(msg.rid, msg.api_id, msg.input_ids, msg.sampling))
+            self.batcher.add(Req(msg.rid, msg.api_id, msg.input_ids, msg.sampling, group=msg.group))
         elif isinstance(msg, AbortRequest):
             req = self.batcher.abort(msg.rid)
             if req is not None:
@@ -104,7 +106,7 @@ class Scheduler:
         step = self.inflight.popleft()
         assert msg.step == step.plan.step, "results arrive in plan order"
         self.steps += 1
-        self.news.extend(self.batcher.apply(step, msg.token_ids))
+        self.news.extend(self.batcher.apply(step, msg.token_ids, msg.logprobs, msg.prompt_logprobs))
 
     def _emit(self, news: list[Finished]) -> None:
         if not news:
@@ -117,6 +119,11 @@ class Scheduler:
             prompt_tokens=[len(n.req.prompt_ids) for n in news],
             completion_tokens=[n.completion_tokens for n in news],
             cached_tokens=[n.req.cached_tokens for n in news],
+            stop=[n.req.sampling.stop for n in news],
+            include_stop=[n.req.sampling.include_stop_str_in_output for n in news],
+            min_tokens=[n.req.sampling.min_tokens for n in news],
+            logprobs=[n.logprobs for n in news] if any(n.logprobs for n in news) else [],
+            prompt_logprobs=[n.prompt_logprobs for n in news] if any(n.prompt_logprobs for n in news) else [],
             sent_ns=time.monotonic_ns(),
         ))
 

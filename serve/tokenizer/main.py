@@ -9,10 +9,12 @@ import zmq
 
 from serve.config import Config
 from serve.ipc import Endpoints, send, socket
-from serve.messages import AbortRequest, GenerateRequest, RequestError, TokenizedRequest, decode, encode
+from serve.messages import (
+    AbortRequest, GenerateRequest, RequestError, TokenizedRequest, TokenizeReply, TokenizeRequest, decode, encode,
+)
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
-from serve.tokenizer.text import ChatTemplateError, TextTokenizer
+from serve.text import ChatTemplateError, TextTokenizer
 
 log = logging.getLogger("serve.tokenizer")
 
@@ -34,29 +36,50 @@ class Tokenize:
         else:
             self.what = f"this model's maximum context length is {max_model_len} tokens"
 
+    def answer(self, req: TokenizeRequest) -> TokenizeReply:
+        """/tokenize and /detokenize."""
+        if req.token_ids is not None:
+            self._check_ids(req.token_ids, "tokens")
+            return TokenizeReply(req.rid, req.token_ids, self.tokenizer.decode(req.token_ids))
+        if req.messages is not None:
+            ids = self._chat(req.messages)
+        else:
+            ids = self.tokenizer.encode(req.text or "", add_special_tokens=req.add_special_tokens)
+        return TokenizeReply(req.rid, ids, "")
+
+    def _chat(self, messages: list[dict]) -> list[int]:
+        try:
+            return self.tokenizer.apply_chat_template(messages)
+        except ChatTemplateError as e:
+            raise Invalid(str(e), "messages") from None
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
+        if bad:
+            raise Invalid(f"token id {bad[0]} is outside the vocabulary (0..{self.tokenizer.vocab_size - 1})", param)
+
     def __call__(self, req: GenerateRequest) -> list[int]:
         if req.messages is not None:
-            try:
-                ids = self.tokenizer.apply_chat_template(req.messages)
-            except ChatTemplateError as e:
-                raise Invalid(str(e), "messages") from None
+            ids = self._chat(req.messages)
         elif req.prompt_ids is not None:
-            bad = [t for t in req.prompt_ids if not 0 <= t < self.tokenizer.vocab_size]
-            if bad:
-                raise Invalid(f"token id {bad[0]} is outside the vocabulary (0..{self.tokenizer.vocab_size - 1})", "prompt")
+            self._check_ids(req.prompt_ids, "prompt")
             ids = list(req.prompt_ids)
         else:
             ids = self.tokenizer.encode(req.prompt or "")
         if not ids:
             raise Invalid("the prompt is empty", "prompt")
         n = len(ids)
-        if n >= self.limit:
+        for t in list(req.sampling.stop_token_ids) + list(req.sampling.logit_bias or {}):
+            if not 0 <= t < self.tokenizer.vocab_size:
+                param = "stop_token_ids" if t in req.sampling.stop_token_ids else "logit_bias"
+                raise Invalid(f"token id {t} is outside the vocabulary (0..{self.tokenizer.vocab_size - 1})", param)
+        if n > self.limit or (n == self.limit and req.max_tokens != 0):
             raise Invalid(
                 f"{self.what}, and your prompt has {n} tokens, "
                 "leaving no room for a completion; shorten the prompt",
                 "messages" if req.messages is not None else "prompt", "context_length_exceeded",
             )
-        if req.max_tokens is None:
+        if req.max_tokens is None:  # no budget given: what the context has left
             req.sampling.max_new_tokens = self.limit - n
         elif n + req.max_tokens > self.limit:
             raise Invalid(
@@ -81,11 +104,10 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
         if isinstance(msg, AbortRequest):
             send(to_scheduler, msg)
             continue
-        if not isinstance(msg, GenerateRequest):
-            continue
         try:
-            ids = tokenize(msg)
+            if isinstance(msg, TokenizeRequest):
+                front.send_multipart([api_id, encode(tokenize.answer(msg))])
+            elif isinstance(msg, GenerateRequest):
+                send(to_scheduler, TokenizedRequest(msg.rid, api_id, tokenize(msg), msg.sampling, msg.group, msg.sent_ns))
         except Invalid as e:
             front.send_multipart([api_id, encode(RequestError(msg.rid, 400, str(e), e.param, e.code))])
-            continue
-        send(to_scheduler, TokenizedRequest(msg.rid, api_id, ids, msg.sampling, msg.sent_ns))

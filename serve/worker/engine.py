@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
-from serve.messages import StepPlan
+from serve.messages import Logprobs, StepPlan
 from serve.worker.model import AttentionMeta, DecodeView, Model, PrefillView
 from serve.worker.sampler import Sampler
 
 
 class Engine:
-    def __init__(self, model: Model, pool_tokens: int, max_rows: int, max_len: int) -> None:
+    def __init__(self, model: Model, pool_tokens: int, max_rows: int, max_len: int, eos_ids: list[int] = ()) -> None:
         self.model = model
         dev, dt = model.device, model.dtype
         d = model.args.head_dim
@@ -26,7 +26,7 @@ class Engine:
         self.req_to_token = torch.zeros(max_rows, max_len, dtype=torch.int64, device=dev)
         # Row offset of each K/V head in a layer's cache viewed as [2kv*pool, d].
         self.head_base = torch.arange(2 * model.n_kv, dtype=torch.int64, device=dev)[:, None] * pool_tokens
-        self.sampler = Sampler(dev)
+        self.sampler = Sampler(dev, model.args.vocab_size, list(eos_ids))
         self.last_token = torch.zeros(max_rows, dtype=torch.int64, device=dev)  # per row, for -1 placeholders
         self.device = dev
         self.pinned = dev.type == "cuda"
@@ -41,11 +41,15 @@ class Engine:
         return sum(t.numel() * t.element_size() for t in self.kv_cache)
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> list[int]:
-        """Runs one plan; returns the token sampled for each request not in `plan.skip`."""
+    def step(self, plan: StepPlan) -> tuple[list[int], list[Logprobs | None], list[Logprobs]]:
+        """Runs one plan. Returns the token sampled for each request not in `plan.skip`, their logprobs
+        (an empty list when no request asked), and the prompt logprobs of each request in `plan.score`."""
         fresh = len(plan.new_rows)
-        for row, params, prefix, produced in zip(plan.new_rows, plan.new_sampling, plan.new_prefix or [[]] * fresh, plan.new_produced or [0] * fresh):
-            self.sampler.start(row, params, produced)
+        for row, params, prefix, produced, history in zip(
+            plan.new_rows, plan.new_sampling, plan.new_prefix or [[]] * fresh, plan.new_produced or [0] * fresh,
+            plan.new_history or [[]] * fresh,
+        ):
+            self.sampler.start(row, params, produced, history or None)
             if prefix:  # KV found in the prefix cache
                 self.req_to_token[row, :len(prefix)] = self._tensor(prefix)
         meta = self._meta(plan)
@@ -54,11 +58,16 @@ class Engine:
             # Placeholders (-1) for tokens sampled by the previous step, planned before it finished.
             head = ids[:meta.decode.B]
             head.copy_(torch.where(head < 0, self.last_token[meta.decode.rows], head))
-        logits = self.model.forward(ids, meta, self.kv_cache)
-        sampled = self.sampler.sample(logits.float(), meta.sample_rows)
+        logits = self.model.forward(ids, meta, self.kv_cache).float()
+        n = len(meta.sample_rows)
+        sampled, logprobs = self.sampler.sample(logits[:n], meta.sample_rows)
         self.last_token[meta.sample_rows_t] = sampled
-        # The only host sync of the step: the sampled ids.
-        return sampled.tolist()
+        scores, start = [], n
+        for targets, k in zip(plan.score_targets, plan.score_k):  # prompt logprobs, after the sampled rows
+            scores.append(self.sampler.score(logits[start:start + len(targets)], targets, k))
+            start += len(targets)
+        # The only host sync of the step: the sampled ids (and logprobs, when a request asks for them).
+        return sampled.tolist(), logprobs if any(lp is not None for lp in logprobs) else [], scores
 
     def _meta(self, plan: StepPlan) -> AttentionMeta:
         B = len(plan.rows)
@@ -79,7 +88,10 @@ class Engine:
         prefill = self._prefill_view(rows[Bd:], plan.starts[Bd:], lens[Bd:]) if Bd < B else None
         skip = set(plan.skip)
         sample = [i for i in range(B) if i not in skip]
-        last = None if T == B and not skip else self._tensor([plan.offsets[i + 1] - 1 for i in sample])
+        last = [plan.offsets[i + 1] - 1 for i in sample]
+        for e, targets in zip(plan.score, plan.score_targets):  # the positions whose prompt logprobs are wanted
+            last.extend(range(plan.offsets[e], plan.offsets[e] + len(targets)))
+        last = None if T == B and not skip and not plan.score else self._tensor(last)
         sample_rows = [plan.rows[i] for i in sample]
         return AttentionMeta(
             slots, self.model.rope_at(positions), last, decode, prefill,

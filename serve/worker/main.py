@@ -34,7 +34,8 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
         dist.init_process_group(placement.backend, init_method=eps.dist_init, rank=rank, world_size=tp)
     started = time.monotonic()
     model = Model(model_info.hf_dir, rank, tp, placement.dtype, placement.device, config.model.quantization)
-    engine = Engine(model, config.engine.kv_pool_tokens, config.engine.max_running_requests, model_info.max_model_len)
+    engine = Engine(model, config.engine.kv_pool_tokens, config.engine.max_running_requests, model_info.max_model_len,
+                    model_info.eos_token_ids)
     load_s = time.monotonic() - started
 
     ctx = zmq.Context.instance()
@@ -47,9 +48,9 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     while True:
         msg = recv(plans)
         if isinstance(msg, StepPlan):
-            tokens = engine.step(msg)
+            tokens, logprobs, prompt_logprobs = engine.step(msg)
             if rank == 0:
-                send(results, StepResult(msg.step, tokens, time.monotonic_ns()))
+                send(results, StepResult(msg.step, tokens, logprobs, prompt_logprobs, time.monotonic_ns()))
         elif isinstance(msg, Hello):
             send(results, HelloAck(rank, msg.nonce))
         elif isinstance(msg, Shutdown):

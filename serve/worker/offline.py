@@ -25,9 +25,9 @@ class OfflineRunner:
             offsets.append(offsets[-1] + len(p))
         slots = [base[r] + i for r, p in enumerate(prompts) for i in range(len(p))]
         plan = StepPlan(self._next(), rows, [0] * B, offsets, flat, slots, rows, [params] * B)
-        out = [[t] for t in self.engine.step(plan)]
+        out = [[t] for t in self.engine.step(plan)[0]]
         for _ in range(max_new_tokens - 1):
-            out = [o + [t] for o, t in zip(out, self.engine.step(self.decode_plan(prompts, out)))]
+            out = [o + [t] for o, t in zip(out, self.engine.step(self.decode_plan(prompts, out))[0])]
         return out
 
     def decode_plan(self, prompts: list[list[int]], out: list[list[int]]) -> StepPlan:

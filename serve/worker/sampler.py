@@ -1,59 +1,182 @@
-"""Per-request sampling inside a batched step: greedy, temperature, top-k, top-p, seed.
+"""Per-request sampling inside a batched step, and the logprobs reported with it.
+
+Each row's logits go through these steps, in vLLM's order:
+  1. logit_bias is added.
+  2. min_tokens: until the request has produced min_tokens tokens, its EOS ids and stop_token_ids get -inf.
+  3. repetition_penalty, on every token seen in the prompt or the output: a positive logit is divided
+     by it, any other is multiplied (so both move away from being picked).
+  4. frequency_penalty times the token's count in the output is subtracted,
+  5. and presence_penalty from every token present in the output at all.
+  6. Greedy rows (temperature <= 0) take the argmax here; the others are divided by their temperature,
+  7. cut by top-k and top-p, then by min_p, which drops tokens less likely than min_p times the most
+     likely one. The most likely token survives every cut, so min_p's ratio is the same before or
+     after top-k/top-p.
+  8. The token is drawn by the exponential race: argmax of p / Exp(1) noise. It needs one noise vector
+     per row and nothing batch-dependent.
+A batch in which no row needs steps 1-5 skips them without copying the logits.
 
 Each request draws its randomness from its own generator, reseeded for every token from the request's
 seed (or a random one) and the token's index in the output, so a seeded request gives the same text
-alone, in a busy batch, or preempted and recomputed halfway. Sampling uses the exponential race
-(argmax of p / Exp(1) noise), which needs one noise vector per row and nothing batch-dependent.
+alone, in a busy batch, or preempted and recomputed halfway (the engine restarts it with `produced` and,
+when penalized, its `history`, from which the penalty counts are rebuilt).
+
+Logprobs are those of the raw logits handed in, before any step above, as vLLM reports them by default.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from serve.messages import SamplingParams
+from serve.messages import Logprobs, SamplingParams
 
 
 @dataclass
 class RowSampling:
-    temperature: float
-    top_p: float
-    top_k: int
+    params: SamplingParams
     seed: int
     produced: int  # tokens sampled so far: the index of the next one
     generator: torch.Generator
+    slot: int | None  # its row in the penalty pool (Sampler.counts), only when params.penalized
 
 
 class Sampler:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, vocab_size: int, eos_ids: list[int]) -> None:
+        """`vocab_size`: the width of the logits that `sample` gets."""
         self.device = device
+        self.vocab_size = vocab_size
+        self.eos_ids = list(eos_ids)
         self.rows: dict[int, RowSampling] = {}
+        # Penalized requests only, one slot each: how often each token was sampled, and which tokens the
+        # prompt holds. A pool rather than a tensor per request so that a step reads and updates all the
+        # penalized rows with one gather and one scatter.
+        self.counts = torch.zeros(0, vocab_size, device=device)
+        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
+        self.free: list[int] = []
 
-    def start(self, row: int, params: SamplingParams, produced: int = 0) -> None:
+    def start(self, row: int, params: SamplingParams, produced: int = 0, history: list[int] | None = None) -> None:
+        """`history`: the prompt then the `produced` tokens generated before a preemption (penalized only)."""
+        self.finish(row)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        slot = None
+        if params.penalized:
+            slot = self._slot()
+            history = history or []
+            cut = len(history) - produced
+            self.counts[slot] = 0
+            self.in_prompt[slot] = False
+            if cut > 0:
+                self.in_prompt[slot, self._tensor(history[:cut], torch.int64)] = True
+            if produced:
+                counted = Counter(history[cut:])
+                index = self._tensor(list(counted), torch.int64)
+                self.counts[slot, index] = self._tensor(list(counted.values()), torch.float32)
         gen = torch.Generator(device=self.device)
-        self.rows[row] = RowSampling(params.temperature, params.top_p, params.top_k, seed, produced, gen)
+        self.rows[row] = RowSampling(params, seed, produced, gen, slot)
 
-    def sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """One token id per row of `logits` [B, V] (float32)."""
-        params = [self.rows[r] for r in rows]
-        for p in params:
-            p.produced += 1
-        greedy = logits.argmax(dim=-1)
-        if all(p.temperature <= 0 for p in params):
-            return greedy
+    def finish(self, row: int) -> None:
+        state = self.rows.pop(row, None)
+        if state is not None and state.slot is not None:
+            self.free.append(state.slot)
+
+    def sample(self, logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, list[Logprobs | None]]:
+        """One token id per row of `logits` [B, V] (float32), and the logprobs of the rows that ask for them."""
+        states = [self.rows[r] for r in rows]
+        params = [s.params for s in states]
+        x, penalized = self._adjust(logits, states)
+        for s in states:
+            s.produced += 1
+        ids = x.argmax(dim=-1)
+        if any(p.temperature > 0 for p in params):
+            ids = torch.where(self._tensor([p.temperature <= 0 for p in params], torch.bool), ids, self._draw(x, states))
+        if penalized is not None:
+            pos, slots = penalized
+            self.counts[slots, ids[pos]] += 1  # slots are distinct, so no accumulate needed
+        return ids, self._logprobs(logits, ids, params)
+
+    def score(self, logits: torch.Tensor, targets: list[int], k: int) -> Logprobs:
+        """Logprobs of `targets[i]` at each of the n positions of `logits` [n, V], with the top k of each."""
+        k = min(k, logits.shape[1])
+        table = self._table(logits.float(), self._tensor(targets, torch.int64), k)
+        return Logprobs(token_ids=list(targets), token_logprobs=[t[1] for t in table],
+                        top_ids=[[int(i) for i in t[2:2 + k]] for t in table], top_logprobs=[t[2 + k:] for t in table])
+
+    def _adjust(self, logits: torch.Tensor, states: list[RowSampling]) -> tuple[torch.Tensor, tuple | None]:
+        """Steps 1-5. Returns the logits themselves when no row needs them, else a modified copy; and, when
+        some rows are penalized, their batch positions and pool slots (to count the tokens sampled)."""
         V = logits.shape[1]
+        # Bias and the min_tokens ban as one {(batch row, token): value}, added in one index_put. A dict so
+        # that each index comes once (a plain index_put, no sort on the device); the ban overrides a bias.
+        added: dict[tuple[int, int], float] = {}
+        for i, s in enumerate(states):
+            p = s.params
+            for t, b in (p.logit_bias or {}).items():
+                added[i, t] = b
+            if s.produced < p.min_tokens:
+                for t in self.eos_ids + p.stop_token_ids:
+                    added[i, t] = float("-inf")
+        entries = [(i, t, v) for (i, t), v in added.items() if 0 <= t < V]  # ids outside the vocabulary: never sampled
+        pen = [i for i, s in enumerate(states) if s.slot is not None]
+        if not entries and not pen:
+            return logits, None
+        x = logits.clone()
+        if entries:
+            r, t, v = zip(*entries)
+            x[self._tensor(list(r), torch.int64), self._tensor(list(t), torch.int64)] += self._tensor(list(v), torch.float32)
+        if not pen:
+            return x, None
+        pos = self._tensor(pen, torch.int64)
+        slots = self._tensor([states[i].slot for i in pen], torch.int64)
+        pp = [states[i].params for i in pen]
+        rep = self._tensor([p.repetition_penalty for p in pp], torch.float32)[:, None]
+        freq = self._tensor([p.frequency_penalty for p in pp], torch.float32)[:, None]
+        pres = self._tensor([p.presence_penalty for p in pp], torch.float32)[:, None]
+        counts = self.counts[slots]
+        in_output = counts > 0
+        y = x[pos]
+        y = torch.where(self.in_prompt[slots] | in_output, torch.where(y > 0, y / rep, y * rep), y)
+        x[pos] = y - freq * counts - pres * in_output
+        return x, (pos, slots)
+
+    def _draw(self, x: torch.Tensor, states: list[RowSampling]) -> torch.Tensor:
+        """Steps 6-8 for every row (greedy rows' draws are discarded by the caller)."""
+        params = [s.params for s in states]
         temps = self._tensor([max(p.temperature, 1e-5) for p in params], torch.float32)
-        x = logits / temps[:, None]
+        x = x / temps[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             x = self._truncate(x, params)
         probs = torch.softmax(x, dim=-1)
-        noise = torch.stack([torch.empty(V, device=logits.device).exponential_(generator=self._reseed(p)) for p in params])
-        sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = self._tensor([p.temperature <= 0 for p in params], torch.bool)
-        return torch.where(is_greedy, greedy, sampled)
+        if any(p.min_p > 0 for p in params):
+            min_p = self._tensor([p.min_p for p in params], torch.float32)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        V = x.shape[1]
+        noise = torch.stack([torch.empty(V, device=x.device).exponential_(generator=self._reseed(s)) for s in states])
+        return (probs / noise).argmax(dim=-1)
+
+    def _logprobs(self, logits: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams]) -> list[Logprobs | None]:
+        out: list[Logprobs | None] = [None] * len(params)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not want:
+            return out
+        k = min(max(params[i].logprobs for i in want), logits.shape[1])
+        pos = self._tensor(want, torch.int64)
+        for i, t in zip(want, self._table(logits[pos], ids[pos], k)):
+            n = min(params[i].logprobs, k)  # this row's own k: the first n of the batch's top k
+            out[i] = Logprobs(token_ids=[int(t[0])], token_logprobs=[t[1]],
+                              top_ids=[[int(j) for j in t[2:2 + n]]], top_logprobs=[t[2 + k:2 + k + n]])
+        return out
+
+    @staticmethod
+    def _table(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[list[float]]:
+        """Per row of `logits`: [`chosen`, its logprob, top k ids, top k logprobs] (k <= V), in one host
+        transfer: float64 holds both the float32 logprobs and the token ids exactly, so one tensor, one sync."""
+        lp = torch.log_softmax(logits, dim=-1)
+        top = lp.topk(k, dim=-1)
+        columns = [chosen[:, None], lp.gather(1, chosen[:, None]), top.indices, top.values]
+        return torch.cat([c.double() for c in columns], 1).tolist()
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """Through pinned memory on CUDA, so the upload does not stall the host (see Engine._tensor)."""
@@ -61,12 +184,21 @@ class Sampler:
         t = torch.tensor(values, dtype=dtype, pin_memory=pinned)
         return t.to(self.device, non_blocking=True) if pinned else t
 
-    @staticmethod
-    def _reseed(p: RowSampling) -> torch.Generator:
-        p.generator.manual_seed((p.seed + p.produced * 0x9E3779B97F4A7C15) % (1 << 63))
-        return p.generator
+    def _slot(self) -> int:
+        if not self.free:  # grow the pool by doubling
+            n = self.counts.shape[0]
+            more = max(n, 8)
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(more, self.vocab_size)])
+            self.in_prompt = torch.cat([self.in_prompt, self.in_prompt.new_zeros(more, self.vocab_size)])
+            self.free = list(range(n + more - 1, n - 1, -1))  # pop() hands out the lowest first
+        return self.free.pop()
 
-    def _truncate(self, x: torch.Tensor, params: list[RowSampling]) -> torch.Tensor:
+    @staticmethod
+    def _reseed(s: RowSampling) -> torch.Generator:
+        s.generator.manual_seed((s.seed + s.produced * 0x9E3779B97F4A7C15) % (1 << 63))
+        return s.generator
+
+    def _truncate(self, x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         V = x.shape[1]
         sorted_x, order = x.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=x.device)[None, :]

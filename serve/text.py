@@ -50,6 +50,10 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def decode_piece(self, token: int) -> str:
+        """One token's own text, special tokens included (how logprobs name tokens)."""
+        return self.tok.decode([token], skip_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
