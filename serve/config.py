@@ -59,6 +59,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    max_body_mb: float = 8.0  # a larger request body gets 413
     # How long a stop waits for children to exit before killing them.
     shutdown_timeout_s: float = 5.0
 

@@ -17,7 +17,8 @@ import zmq.asyncio
 
 from serve.ipc import Endpoints, socket
 from serve.messages import (
-    AbortRequest, ControlReply, ControlRequest, GenerateRequest, OutputBatch, RequestError, RequestOutput, decode, encode,
+    AbortRequest, ControlReply, ControlRequest, GenerateRequest, OutputBatch, RequestError, RequestOutput, TokenizeReply,
+    TokenizeRequest, decode, encode,
 )
 
 log = logging.getLogger("serve.api")
@@ -46,7 +47,7 @@ class Bridge:
                     q = self.queues.get(out.rid)
                     if q is not None:  # else: aborted here already; late outputs are dropped quietly
                         q.put_nowait(out)
-            elif isinstance(msg, RequestError):
+            elif isinstance(msg, (RequestError, TokenizeReply)):
                 q = self.queues.get(msg.rid)
                 if q is not None:
                     q.put_nowait(msg)
@@ -69,6 +70,15 @@ class Bridge:
             self.queues.pop(req.rid, None)
             if not finished:
                 await self.to_tokenizer.send(encode(AbortRequest(req.rid)))
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeReply | RequestError:
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[req.rid] = q
+        try:
+            await self.to_tokenizer.send(encode(req))
+            return await q.get()
+        finally:
+            self.queues.pop(req.rid, None)
 
     async def ask(self, kind: str, timeout_s: float = 2.0) -> dict | None:
         """One control request to the scheduler; None on timeout. A REQ that timed out is closed and made

@@ -27,7 +27,7 @@ class _Server(uvicorn.Server):
 async def _serve(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -> None:
     bridge = Bridge(eps)
     bridge.start()
-    app = create_app(bridge, model)
+    app = create_app(bridge, model, int(config.server.max_body_mb * 2**20))
     server = _Server(uvicorn.Config(
         app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
         access_log=config.server.log_level == "debug", timeout_graceful_shutdown=1,

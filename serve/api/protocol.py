@@ -45,21 +45,94 @@ async def validation_error_handler(_: Request, exc: RequestValidationError) -> J
     return APIError(400, message, param).response()
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 in OpenAI's envelope before any of it
+    is parsed (by its Content-Length, or by counting when it comes chunked)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        body, more = [], True
+        while more:  # read it all here (FastAPI would anyway), counting
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message]), send)
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if sum(map(len, body)) > self.max_bytes:
+                return await self._reject(scope, receive, send)
+        await self.app(scope, _replay([{"type": "http.request", "body": b"".join(body), "more_body": False}], receive), send)
+
+    async def _reject(self, scope, receive, send) -> None:
+        error = APIError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes",
+                         code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
+def _replay(messages: list[dict], then=None):
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        return await then() if then else {"type": "http.disconnect"}
+    return receive
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class StreamOptions(_Base):
+    include_usage: bool = False
+
+
 class _Sampling(_Base):
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # vLLM/SGLang extension
+    logit_bias: dict[str, float] | None = None
+    n: int = Field(default=1, ge=1, le=64)
     stream: bool = False
-    stop: str | list[str] | None = None
-    ignore_eos: bool = False  # vLLM/SGLang extension: generate exactly max_tokens (benchmarks)
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(default=None)
+    # vLLM/SGLang extensions
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    min_tokens: int = Field(default=0, ge=0)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N" (vLLM): for bytes that are no text
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, f"at most 4 stop sequences are allowed, got {len(stops)}", "stop")
+        return stops
+
+    def bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, value in self.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids, got {key[:40]!r}", "logit_bias") from None
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias values must be between -100 and 100, got {value}", "logit_bias")
+            out[token] = value
+        return out
 
 
 class TextPart(_Base):
@@ -79,9 +152,28 @@ class ChatMessage(_Base):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's documented default for completions
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class TokenizeBody(_Base):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeBody(_Base):
+    model: str | None = None
+    tokens: list[int]
+
+
+class AbortBody(_Base):
+    rid: str

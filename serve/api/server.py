@@ -1,40 +1,77 @@
-"""The FastAPI app: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, plus /health."""
+"""The FastAPI app: OpenAI's /v1/chat/completions, /v1/completions and /v1/models; /health and /stats;
+and what SGLang and vLLM users script against: /tokenize, /detokenize, /version, /abort_request.
+
+A response may hold several choices (`n` samples of each of several prompts). Each choice is its own
+request through the pipeline; the choices of one prompt share a group, so its prompt is prefilled once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import time
 import uuid
+from importlib.metadata import PackageNotFoundError, version
 from typing import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve.api.bridge import Bridge
 from serve.api.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, api_error_handler, validation_error_handler,
+    AbortBody, APIError, BodyLimit, ChatCompletionRequest, CompletionRequest, DetokenizeBody, TokenizeBody,
+    api_error_handler, validation_error_handler,
 )
-from serve.messages import GenerateRequest, RequestError, RequestOutput, SamplingParams
+from serve.api.shapes import ChatShape, Choice, CompletionShape
+from serve.messages import (
+    AbortRequest, GenerateRequest, RequestError, RequestOutput, SamplingParams, TokenizeReply, TokenizeRequest, encode,
+)
 from serve.model_files import ModelInfo
 
+try:
+    VERSION = version("serve")
+except PackageNotFoundError:
+    VERSION = "0.0.0"
 
-def create_app(bridge: Bridge, model: ModelInfo) -> FastAPI:
-    app = FastAPI(title="serve", version="0.1.0")
+Shape = ChatShape | CompletionShape
+
+
+def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) -> FastAPI:
+    app = FastAPI(title="serve", version=VERSION)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     created = int(time.time())
 
-    def check_model(name: str) -> None:
-        if name != model.served_name:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model.served_name:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model.served_name}'",
                            "model", "model_not_found")
 
-    def sampling(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
-        if body.stop:
-            raise APIError(400, "stop sequences are not supported yet", "stop")
-        return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), seed=body.seed,
-                              ignore_eos=body.ignore_eos)
+    def sampling(body: ChatCompletionRequest | CompletionRequest, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        return SamplingParams(
+            temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p, seed=body.seed,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty, logit_bias=body.bias(), min_tokens=body.min_tokens,
+            ignore_eos=body.ignore_eos, stop=body.stops(), stop_token_ids=list(body.stop_token_ids or []),
+            include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        )
+
+    def fan_out(rid: str, n: int, prompts: list[dict], max_tokens: int | None, params: SamplingParams) -> list[GenerateRequest]:
+        """One request per choice; choice p*n + i is sample i of prompt p. Seeded samples of one prompt
+        get seeds seed, seed+1, ... so that they differ from each other and still repeat."""
+        reqs = []
+        for p, prompt in enumerate(prompts):
+            for i in range(n):
+                seeded = dataclasses.replace(params, seed=params.seed + i if params.seed is not None else None)
+                choice_rid = rid if len(prompts) * n == 1 else f"{rid}-{p * n + i}"
+                reqs.append(GenerateRequest(choice_rid, prompt.get("text"), prompt.get("messages"), prompt.get("ids"),
+                                            max_tokens, seeded, f"{rid}-p{p}" if n > 1 else None))
+        return reqs
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -51,6 +88,10 @@ def create_app(bridge: Bridge, model: ModelInfo) -> FastAPI:
             raise APIError(503, "the scheduler did not answer in time", type="service_unavailable")
         return JSONResponse(data)
 
+    @app.get("/version")
+    async def get_version() -> dict:
+        return {"version": VERSION}
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{
@@ -58,98 +99,157 @@ def create_app(bridge: Bridge, model: ModelInfo) -> FastAPI:
             "max_model_len": model.max_model_len,
         }]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> dict:
         check_model(body.model)
-        params = sampling(body)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages] if body.messages else None
+        reply = await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, body.prompt, messages, body.add_special_tokens))
+        return {"tokens": reply.token_ids, "count": len(reply.token_ids), "max_model_len": model.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> dict:
+        check_model(body.model)
+        reply = await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, token_ids=body.tokens))
+        return {"prompt": reply.text, "text": reply.text}  # vLLM's name and SGLang's
+
+    async def ask_tokenizer(req: TokenizeRequest) -> TokenizeReply:
+        reply = await bridge.tokenize(req)
+        if isinstance(reply, RequestError):
+            raise APIError(reply.status, reply.message, reply.param, reply.code)
+        return reply
+
+    @app.post("/abort_request")
+    async def abort_request(body: AbortBody) -> dict:
+        """Ends a running response (all its choices) with finish_reason "abort", as SGLang's endpoint does."""
+        rids = [r for r in list(bridge.queues) if r == body.rid or r.startswith(body.rid + "-")]
+        for r in rids:
+            await bridge.to_tokenizer.send(encode(AbortRequest(r)))
+        return {"aborted": len(rids)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        params = sampling(body, (body.top_logprobs or 0) if body.logprobs else None, None)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens == 0:
+            raise APIError(400, "max_completion_tokens must be at least 1", "max_completion_tokens")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        req = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", None, messages, None, max_tokens, params)
-        return await respond(req, body.stream, chat=True)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        reqs = fan_out(rid, body.n, [{"messages": messages}], max_tokens, params)
+        return await respond(request, reqs, ChatShape(rid, model.served_name, body.logprobs, body.return_tokens_as_token_ids), body, [])
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        params = sampling(body)
-        prompt, ids = body.prompt, None
-        if isinstance(prompt, list):
-            if prompt and isinstance(prompt[0], (str, list)):
-                if len(prompt) != 1:
-                    raise APIError(400, "a list of several prompts is not supported yet; send one prompt per request", "prompt")
-                prompt = prompt[0]
-            if isinstance(prompt, list):
-                prompt, ids = None, prompt
-        req = GenerateRequest(f"cmpl-{uuid.uuid4().hex}", prompt, None, ids, body.max_tokens, params)
-        return await respond(req, body.stream, chat=False)
+        prompts = _prompts(body.prompt)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 is allowed with echo, to score the prompt)", "max_tokens")
+        params = sampling(body, body.logprobs, body.logprobs if body.echo and body.logprobs is not None else None)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        reqs = fan_out(rid, body.n, prompts, body.max_tokens, params)
+        echoes = []
+        if body.echo:
+            for p in prompts:
+                echoes.append(p["text"] if "text" in p else (await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, token_ids=p["ids"]))).text)
+        return await respond(request, reqs, CompletionShape(rid, model.served_name, body.logprobs, body.return_tokens_as_token_ids), body, echoes)
 
-    async def respond(req: GenerateRequest, stream: bool, chat: bool):
-        outputs = bridge.generate(req)
-        # Wait for the first output before answering, so a request the tokenizer rejects gets a real 4xx.
-        first = await anext(outputs)
-        if isinstance(first, RequestError):
-            raise APIError(first.status, first.message, first.param, first.code)
-        shape = ChatShape(req.rid, model.served_name) if chat else CompletionShape(req.rid, model.served_name)
-        if stream:
-            return StreamingResponse(sse(shape, first, outputs), media_type="text/event-stream")
-        text, last = first.text, first
-        async for out in outputs:
-            text += out.text
-            last = out
-        return shape.final(text, last)
+    async def respond(request: Request, reqs: list[GenerateRequest], shape: Shape, body, echoes: list[str]):
+        streams = [bridge.generate(r) for r in reqs]
+        # Wait for every choice's first output before answering, so a rejected request gets a real 4xx.
+        firsts = await asyncio.gather(*(anext(s) for s in streams))
+        error = next((f for f in firsts if isinstance(f, RequestError)), None)
+        if error is not None:
+            await asyncio.gather(*(s.aclose() for s in streams))
+            raise APIError(error.status, error.message, error.param, error.code)
+        choices = [Choice(i) for i in range(len(reqs))]
+        echo = [echoes[i // body.n] if echoes else "" for i in range(len(reqs))]
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(sse(shape, choices, firsts, streams, echo, body.n, usage), media_type="text/event-stream")
+        collect = asyncio.ensure_future(asyncio.gather(*(
+            drain(shape, c, f, s, e) for c, f, s, e in zip(choices, firsts, streams, echo))))
+        if not await _unless_disconnected(request, collect):
+            return Response(status_code=499)  # nobody is listening; the requests were aborted
+        return shape.final(choices, body.n)
 
-    async def sse(shape, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    async def drain(shape: Shape, choice: Choice, out: RequestOutput, stream: AsyncIterator, echo: str) -> None:
         try:
-            for chunk in shape.head():
-                yield f"data: {json.dumps(chunk)}\n\n"
-            out = first
-            while True:
-                if out.text or out.finish_reason:
-                    yield f"data: {json.dumps(shape.chunk(out.text, out.finish_reason))}\n\n"
-                if out.finish_reason is not None:
-                    break
-                out = await anext(outputs)
+            shape.update(choice, out, echo)
+            while out.finish_reason is None:
+                out = await anext(stream)
+                shape.update(choice, out)
+        finally:
+            await stream.aclose()  # aborts the request if it has not finished (client gone)
+
+    async def sse(shape: Shape, choices: list[Choice], firsts: list[RequestOutput], streams: list[AsyncIterator],
+                  echo: list[str], n: int, include_usage: bool) -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                out = firsts[i]
+                await queue.put((i, out))
+                while out.finish_reason is None:
+                    out = await anext(streams[i])
+                    await queue.put((i, out))
+            finally:
+                await streams[i].aclose()
+
+        pumps = [asyncio.create_task(pump(i)) for i in range(len(choices))]
+        try:
+            for c in choices:
+                if (head := shape.head(c.index)) is not None:
+                    yield f"data: {json.dumps(head)}\n\n"
+            left, first = len(choices), set(range(len(choices)))
+            while left:
+                i, out = await queue.get()
+                chunk = shape.update(choices[i], out, echo[i] if i in first else "")
+                first.discard(i)
+                if chunk is not None:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                left -= out.finish_reason is not None
+            if include_usage:
+                yield f"data: {json.dumps(shape.usage_chunk(choices, n))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            # A client that went away mid-stream lands here too: closing `outputs` aborts the request.
-            await outputs.aclose()
+            # A client that went away mid-stream lands here too: ending the pumps aborts its requests.
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     return app
 
 
-def _usage(out: RequestOutput) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+def _prompts(prompt: str | list) -> list[dict]:
+    """A completions prompt is a string, token ids, or a list of either."""
+    if isinstance(prompt, str):
+        return [{"text": prompt}]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [{"ids": prompt}]
+    return [{"text": p} if isinstance(p, str) else {"ids": p} for p in prompt]
 
 
-class ChatShape:
-    def __init__(self, rid: str, model: str) -> None:
-        self.base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+async def _unless_disconnected(request: Request, work: asyncio.Future) -> bool:
+    """Awaits `work` unless the client disconnects first, in which case it is cancelled: False."""
 
-    def head(self) -> list[dict]:
-        # OpenAI's first chunk carries the role alone.
-        return [{**self.base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
-    def chunk(self, text: str, reason: str | None) -> dict:
-        delta = {"content": text} if text else {}
-        return {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-
-    def final(self, text: str, out: RequestOutput) -> dict:
-        return {**self.base, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": out.finish_reason,
-        }], "usage": _usage(out)}
-
-
-class CompletionShape:
-    def __init__(self, rid: str, model: str) -> None:
-        self.base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
-
-    def head(self) -> list[dict]:
-        return []
-
-    def chunk(self, text: str, reason: str | None) -> dict:
-        return {**self.base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
-
-    def final(self, text: str, out: RequestOutput) -> dict:
-        return {**self.base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": out.finish_reason}],
-                "usage": _usage(out)}
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work.done():
+        work.result()
+        return True
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    return False
