@@ -207,6 +207,7 @@ class TokenBatch:
     stop: list[list[str]] = field(default_factory=list)  # the request's stop strings, for cutting its text
     include_stop: list[bool] = field(default_factory=list)
     min_tokens: list[int] = field(default_factory=list)  # no stop string counts before this many tokens
+    prompt_tail: list[list[int]] = field(default_factory=list)  # last prompt tokens, context for decoding the first
     logprobs: list[Logprobs | None] = field(default_factory=list)  # empty when no request in the batch asked
     prompt_logprobs: list[Logprobs | None] = field(default_factory=list)
     sent_ns: int = 0

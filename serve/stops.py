@@ -14,15 +14,20 @@ from __future__ import annotations
 
 from typing import Callable
 
+# Prompt tokens decoded before the output, so that its first token decodes as it does in context
+# (SentencePiece tokenizers drop a word's leading space at the start of a text).
+CONTEXT_TOKENS = 4
+
 
 class TextStream:
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] = (), include_stop: bool = False) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] = (), include_stop: bool = False,
+                 context: list[int] = ()) -> None:
         self.decode = decode
         self.stop = [s for s in stop if s]
         self.include_stop = include_stop
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context)  # the prompt's last tokens, then the output
         self.prefix = 0  # start of the token window decoded for context
-        self.read = 0  # tokens up to here are in `text`
+        self.read = len(self.ids)  # tokens up to here are in `text`
         self.text = ""  # decoded so far
         self.sent = 0  # characters of `text` released
         self.stopped = False  # a stop string was found; `text` ends where the output ends

@@ -160,6 +160,7 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(tiny_server):
 def test_n_samples_share_one_prefill(tiny_server):
     client = tiny_server.client()
     prompt = "The quick brown fox jumps over the lazy dog. " * 8
+    hits = tiny_server.http().get("/stats").json()["cache_hit_tokens"]
     r = client.completions.create(model=TINY_NAME, prompt=prompt, n=4, max_tokens=12, temperature=1.0, seed=5,
                                   extra_body={"ignore_eos": True})
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
@@ -167,8 +168,10 @@ def test_n_samples_share_one_prefill(tiny_server):
     assert r.usage.completion_tokens == 48
     single = client.completions.create(model=TINY_NAME, prompt=prompt, max_tokens=1)
     assert r.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
-    # Three of the four found the first one's prompt in the cache (all but its last token).
-    assert r.usage.prompt_tokens_details.cached_tokens >= 3 * (single.usage.prompt_tokens - 1)
+    # Three of the four found the first one's prompt in the cache (all but its last token); usage counts
+    # the prompt, and its cached part, once.
+    assert tiny_server.http().get("/stats").json()["cache_hit_tokens"] - hits >= 3 * (single.usage.prompt_tokens - 1)
+    assert r.usage.prompt_tokens_details.cached_tokens == single.usage.prompt_tokens - 1
     again = client.completions.create(model=TINY_NAME, prompt=prompt, n=4, max_tokens=12, temperature=1.0, seed=5,
                                       extra_body={"ignore_eos": True})
     assert [c.text for c in again.choices] == [c.text for c in r.choices]  # seeded n is repeatable too
@@ -257,7 +260,8 @@ def test_echo_with_a_completion(tiny_server):
     choice = r.choices[0]
     prompt_tokens = r.usage.prompt_tokens
     assert choice.text.startswith(PROMPT) and len(choice.logprobs.tokens) == prompt_tokens + 5
-    assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset)
+    tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
 
 
 # --- 5. streaming details ---------------------------------------------------------------------------
@@ -270,7 +274,8 @@ def test_stream_usage_chunk_and_abort(tiny_server):
             model=TINY_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=7, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         usage_chunks = [c async for c in stream]
-        long = await client.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=450, stream=True,
+        # No max_tokens: the rest of the context, ~500 tokens, far more than the 3 read before the abort.
+        long = await client.completions.create(model=TINY_NAME, prompt=PROMPT, stream=True, stream_options={"include_usage": True},
                                                extra_body={"ignore_eos": True})
         chunks = []
         async for c in long:
@@ -286,7 +291,8 @@ def test_stream_usage_chunk_and_abort(tiny_server):
     last = usage_chunks[-1]
     assert last.choices == [] and last.usage.completion_tokens == 7
     assert last.usage.total_tokens == last.usage.prompt_tokens + 7
-    assert aborted[-1].choices[0].finish_reason == "abort" and len(aborted) < 100
+    assert aborted[-2].choices[0].finish_reason == "abort" and len(aborted) < 100
+    assert aborted[-1].usage.completion_tokens >= 3  # what it had generated when aborted
 
 
 # --- 6. inputs and extra endpoints ------------------------------------------------------------------
@@ -385,10 +391,35 @@ def test_oversized_body_gets_413(tiny_server):
 
 
 def test_non_streaming_client_that_leaves_aborts_its_request(tiny_server):
+    async def leave_while_running() -> None:
+        async with httpx.AsyncClient(base_url=tiny_server.url, timeout=120) as http:
+            body = {"model": TINY_NAME, "prompt": PROMPT, "ignore_eos": True}  # the rest of the context
+            request = asyncio.ensure_future(http.post("/v1/completions", json=body))
+            while (await http.get("/stats")).json()["running"] == 0:
+                await asyncio.sleep(0.02)
+            request.cancel()  # the client gives up: its connection closes
+            await asyncio.gather(request, return_exceptions=True)
+
     with tiny_server.http() as http:
         before = http.get("/stats").json()["aborted"]
-        body = {"model": TINY_NAME, "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True}
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{tiny_server.url}/v1/completions", json=body, timeout=httpx.Timeout(120, read=0.5))
+        asyncio.run(leave_while_running())
         stats = wait_idle(http)
         assert stats["aborted"] == before + 1 and stats["running"] == 0 and stats["pool_tokens_used"] == 0, stats
+
+
+def test_null_means_default_and_params_are_named_plainly(tiny_server):
+    r = tiny_server.client().completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=3, temperature=None, n=None,
+                                                extra_body={"logprobs": None, "seed": None})
+    assert r.usage.completion_tokens <= 3
+    with tiny_server.http() as http:
+        for body, param in [({"prompt": 5}, "prompt"), ({"prompt": "a", "stop": 5}, "stop"),
+                            ({"prompt": [10**30]}, "prompt"), ({"prompt": "a", "seed": 2**64}, "seed"),
+                            ({"prompt": "a", "max_tokens": 10**30}, "max_tokens"),
+                            ({"prompt": "a", "logit_bias": {str(10**30): 1}}, "logit_bias"),
+                            ({"prompt": "a", "min_tokens": 9, "max_tokens": 3}, "min_tokens")]:
+            r = http.post("/v1/completions", json={"model": TINY_NAME, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+        r = http.get("/v1/nope")
+        assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        r = http.post("/v1/completions", json={"model": "x" * 100_000, "prompt": "a"})
+        assert r.status_code == 404 and len(r.content) < 1000

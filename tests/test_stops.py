@@ -56,3 +56,14 @@ def test_min_tokens_lets_early_stops_pass():
 def test_partial_utf8_waits_for_its_second_byte():
     out, _ = run([0, 100, 101, 4], [])
     assert out == ["Hel", "", "é", "!"]
+
+
+def test_prompt_context_keeps_the_first_tokens_leading_space():
+    """SentencePiece decoders drop the space a text starts with: the output is decoded after the prompt's
+    last tokens, so its first word keeps its space, as in the whole text."""
+    def spm_decode(ids: list[int]) -> str:
+        return "".join({0: "▁Hello", 1: "▁there"}[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+    assert TextStream(spm_decode).push([1]) == "there"
+    assert TextStream(spm_decode, context=[0]).push([1]) == " there"
+    assert TextStream(spm_decode, [" there"], context=[0]).push([1], finished=True) == ""

@@ -6,12 +6,12 @@ Fields a client may send that we do not use (`user`, `metadata`, ...) are ignore
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class APIError(Exception):
@@ -31,9 +31,24 @@ async def api_error_handler(_: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
 
+async def not_found_handler(request: Request, exc: Exception) -> JSONResponse:
+    status = getattr(exc, "status_code", 404)
+    return APIError(status, f"{request.method} {request.url.path[:200]}: {getattr(exc, 'detail', 'not found')}",
+                    type="invalid_request_error" if status < 500 else "server_error").response()
+
+
+async def internal_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic names the member of a union it tried ("str", "list[int]", ...): not a field name."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part)
+
+
 async def validation_error_handler(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         message, param = "the request body is not valid JSON", None
@@ -83,8 +98,20 @@ def _replay(messages: list[dict], then=None):
     return receive
 
 
+INT32 = 2**31 - 1  # token ids and lengths; also keeps every int inside MessagePack's 64 bits
+TokenId = Annotated[int, Field(ge=0, le=INT32)]
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's clients send null for options they leave unset: null means the default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Base):
@@ -93,12 +120,12 @@ class StreamOptions(_Base):
 
 class _Sampling(_Base):
     model: str
-    max_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=0, le=INT32)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**62, le=2**62)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # vLLM/SGLang extension
@@ -108,16 +135,18 @@ class _Sampling(_Base):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(default=None)
     # vLLM/SGLang extensions
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=INT32)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N" (vLLM): for bytes that are no text
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
             raise APIError(400, f"at most 4 stop sequences are allowed, got {len(stops)}", "stop")
+        if any(not s or len(s) > 512 for s in stops):
+            raise APIError(400, "a stop sequence must have 1 to 512 characters", "stop")
         return stops
 
     def bias(self) -> dict[int, float] | None:
@@ -128,7 +157,9 @@ class _Sampling(_Base):
             try:
                 token = int(key)
             except ValueError:
-                raise APIError(400, f"logit_bias keys must be token ids, got {key[:40]!r}", "logit_bias") from None
+                token = -1
+            if not 0 <= token <= INT32:
+                raise APIError(400, f"logit_bias keys must be token ids, got {key[:40]!r}", "logit_bias")
             if not -100 <= value <= 100:
                 raise APIError(400, f"logit_bias values must be between -100 and 100, got {value}", "logit_bias")
             out[token] = value
@@ -152,13 +183,13 @@ class ChatMessage(_Base):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0, le=INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -172,7 +203,7 @@ class TokenizeBody(_Base):
 
 class DetokenizeBody(_Base):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class AbortBody(_Base):

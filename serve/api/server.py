@@ -18,11 +18,12 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.api.bridge import Bridge
 from serve.api.protocol import (
     AbortBody, APIError, BodyLimit, ChatCompletionRequest, CompletionRequest, DetokenizeBody, TokenizeBody,
-    api_error_handler, validation_error_handler,
+    api_error_handler, internal_error_handler, not_found_handler, validation_error_handler,
 )
 from serve.api.shapes import ChatShape, Choice, CompletionShape
 from serve.messages import (
@@ -42,17 +43,22 @@ def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) 
     app = FastAPI(title="serve", version=VERSION)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, not_found_handler)  # unknown routes and methods
+    app.add_exception_handler(Exception, internal_error_handler)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     created = int(time.time())
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model.served_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model.served_name}'",
+            raise APIError(404, f"the model '{name[:100]}' does not exist; this server serves '{model.served_name}'",
                            "model", "model_not_found")
 
     def sampling(body: ChatCompletionRequest | CompletionRequest, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        budget = body.max_completion_tokens if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens else body.max_tokens
+        if budget is not None and body.min_tokens > budget:
+            raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({budget})", "min_tokens")
         return SamplingParams(
             temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p, seed=body.seed,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
@@ -102,7 +108,7 @@ def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeBody) -> dict:
         check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
+        if (body.prompt is None) == (not body.messages):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages] if body.messages else None
         reply = await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, body.prompt, messages, body.add_special_tokens))
@@ -136,7 +142,8 @@ def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) 
         params = sampling(body, (body.top_logprobs or 0) if body.logprobs else None, None)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens == 0:
-            raise APIError(400, "max_completion_tokens must be at least 1", "max_completion_tokens")
+            param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            raise APIError(400, f"{param} must be at least 1", param)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = fan_out(rid, body.n, [{"messages": messages}], max_tokens, params)
@@ -159,8 +166,13 @@ def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) 
 
     async def respond(request: Request, reqs: list[GenerateRequest], shape: Shape, body, echoes: list[str]):
         streams = [bridge.generate(r) for r in reqs]
-        # Wait for every choice's first output before answering, so a rejected request gets a real 4xx.
-        firsts = await asyncio.gather(*(anext(s) for s in streams))
+        # Wait for every choice's first output before answering, so a rejected request gets a real 4xx;
+        # a client that leaves while its prompt waits or prefills aborts it.
+        started = asyncio.ensure_future(asyncio.gather(*(anext(s) for s in streams)))
+        if not await _unless_disconnected(request, started):
+            await asyncio.gather(*(s.aclose() for s in streams))
+            return Response(status_code=499)
+        firsts = started.result()
         error = next((f for f in firsts if isinstance(f, RequestError)), None)
         if error is not None:
             await asyncio.gather(*(s.aclose() for s in streams))

@@ -27,16 +27,19 @@ class Choice:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    logprobs: list = field(default_factory=list)  # chat: content entries; completions: per-token tuples
-    offset: int = 0  # completions: characters of text so far, for text_offset
+    logprobs: list = field(default_factory=list)  # chat: content entries; completions: per-output parts
+    offset: int = 0  # completions: characters of the tokens' text so far, for text_offset
 
 
 def usage(choices: list[Choice], n: int) -> dict:
-    """Each prompt counts once, however many samples it has (choices of one prompt are n apart)."""
-    prompt = sum(c.prompt_tokens for c in choices if c.index % n == 0)
+    """Each prompt counts once, however many samples it has (choices p*n .. p*n+n-1 are prompt p's), and
+    so do its cached tokens: those of the sample that found the most."""
+    prompts = [choices[p:p + n] for p in range(0, len(choices), n)]
+    prompt = sum(group[0].prompt_tokens for group in prompts)
+    cached = sum(max(c.cached_tokens for c in group) for group in prompts)
     completion = sum(c.completion_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in choices)}}
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class ChatShape:
@@ -86,23 +89,21 @@ class CompletionShape:
         _count(c, out)
         lp = None
         if self.logprobs is not None:
-            lp = self._logprobs(c, out.prompt_logprobs if echo else None, echo)
-            lp = _merge(lp, self._logprobs(c, out.logprobs, out.text))
+            # Prompt logprobs come with a choice's first output, and only when it echoes.
+            lp = _merge(self._logprobs(c, out.prompt_logprobs), self._logprobs(c, out.logprobs))
         if not text and lp is None and out.finish_reason is None:
             return None
         return {**self.base, "choices": [{"index": c.index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}]}
 
-    def _logprobs(self, c: Choice, lp: TextLogprobs | None, text: str) -> dict | None:
-        """OpenAI's legacy shape: parallel lists; a token's text offset counts from the start of the
-        choice's text (the prompt's, when echoed). Offsets follow the tokens' own text."""
-        start = c.offset
-        c.offset += len(text)
+    def _logprobs(self, c: Choice, lp: TextLogprobs | None) -> dict | None:
+        """OpenAI's legacy shape: parallel lists. A token's text offset is where it starts in the choice's
+        text (the prompt's, when echoed), counted over the tokens' own text."""
         if lp is None:
             return None
         offsets = []
         for token in lp.tokens:
-            offsets.append(start)
-            start += len(token)
+            offsets.append(c.offset)
+            c.offset += len(token)
         lp = as_ids(lp, self.token_ids)
         # The prompt's first token has no logprob and no alternatives: null in both lists.
         tops = [None if v is None else dict(zip(tt, tv)) for tt, tv, v in zip(lp.top_tokens, lp.top_logprobs, lp.token_logprobs)]

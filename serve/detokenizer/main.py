@@ -28,10 +28,11 @@ class Detokenizer:
         self.streams: dict[str, TextStream] = {}
         self.pieces: dict[int, str] = {}  # token id -> its text, for logprobs
 
-    def push(self, rid: str, token: int, finished: bool, stop: list[str], include_stop: bool, may_stop: bool) -> tuple[str, list[int]]:
+    def push(self, rid: str, token: int, finished: bool, stop: list[str], include_stop: bool, may_stop: bool,
+             context: list[int]) -> tuple[str, list[int]]:
         s = self.streams.get(rid)
         if s is None:
-            s = self.streams[rid] = TextStream(self.tokenizer.decode, stop, include_stop)
+            s = self.streams[rid] = TextStream(self.tokenizer.decode, stop, include_stop, context)
         new_ids = [token] if token >= 0 else []
         text = s.push(new_ids, finished, may_stop)
         if finished:
@@ -70,7 +71,8 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
             # The scheduler finishes a request on the token that completes a stop string; stopping
             # earlier here than there is impossible, as both run the same TextStream over the same tokens.
             may_stop = batch.completion_tokens[i] >= batch.min_tokens[i] if batch.min_tokens else True
-            text, ids = detok.push(rid, batch.token_ids[i], reason is not None, stop, include, may_stop)
+            context = batch.prompt_tail[i] if batch.prompt_tail else []
+            text, ids = detok.push(rid, batch.token_ids[i], reason is not None, stop, include, may_stop, context)
             per_api[batch.api_ids[i]].append(RequestOutput(
                 rid, text, ids, reason, batch.prompt_tokens[i], batch.completion_tokens[i], batch.cached_tokens[i],
                 detok.text_logprobs(batch.logprobs[i]) if batch.logprobs else None,

@@ -29,7 +29,7 @@ from typing import Callable
 from serve.messages import Logprobs, SamplingParams, StepPlan
 from serve.scheduler.pool import KVPool
 from serve.scheduler.radix import Node, RadixCache
-from serve.stops import TextStream
+from serve.stops import CONTEXT_TOKENS, TextStream
 
 PENDING = -1
 
@@ -141,7 +141,8 @@ class Batcher:
 
     def add(self, req: Req) -> None:
         if req.sampling.stop and self.decode is not None:
-            req.text = TextStream(self.decode, req.sampling.stop, req.sampling.include_stop_str_in_output)
+            req.text = TextStream(self.decode, req.sampling.stop, req.sampling.include_stop_str_in_output,
+                                  req.prompt_ids[-CONTEXT_TOKENS:])
         self.waiting.append(req)
 
     def abort(self, rid: str) -> Req | None:
@@ -161,8 +162,8 @@ class Batcher:
     def _waits_for_group(self, req: Req) -> bool:
         """A sample of an n > 1 request waits while its group's first sample prefills the shared prompt,
         then finds that prompt in the cache."""
-        if req.group is None or self.cache is None:
-            return False
+        if req.group is None or self.cache is None or req.sampling.prompt_logprobs is not None:
+            return False  # nothing to share (prompt logprobs compute the whole prompt anyway)
         leader = self.groups.setdefault(req.group, req)
         if leader is None or leader is req:
             if not any(r.group == req.group for r in self.waiting if r is not req):
@@ -324,6 +325,8 @@ class Batcher:
 
     def _finish_reason(self, req: Req, i: int, token: int) -> str | None:
         p = req.sampling
+        if p.max_new_tokens == 0:  # a prompt scored alone (echo): its one sample is not output
+            return "length"
         may_stop = i + 1 >= p.min_tokens
         if may_stop and ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
             return "stop"

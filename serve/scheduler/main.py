@@ -21,8 +21,9 @@ from serve.messages import (
 )
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
-from serve.scheduler.batch import Batcher, Finished, Req, Step
+from serve.scheduler.batch import PENDING, Batcher, Finished, Req, Step
 from serve.scheduler.pool import KVPool
+from serve.stops import CONTEXT_TOKENS
 from serve.text import TextTokenizer
 
 log = logging.getLogger("serve.scheduler")
@@ -100,7 +101,7 @@ class Scheduler:
             req = self.batcher.abort(msg.rid)
             if req is not None:
                 self.aborted += 1
-                self.news.append(Finished(req, -1, "abort"))
+                self.news.append(Finished(req, -1, "abort", sum(1 for t in req.output_ids if t != PENDING)))
 
     def _on_result(self, msg: StepResult) -> None:
         step = self.inflight.popleft()
@@ -119,9 +120,11 @@ class Scheduler:
             prompt_tokens=[len(n.req.prompt_ids) for n in news],
             completion_tokens=[n.completion_tokens for n in news],
             cached_tokens=[n.req.cached_tokens for n in news],
-            stop=[n.req.sampling.stop for n in news],
+            # What the detokenizer needs to cut a request's text: sent with its first output only.
+            stop=[n.req.sampling.stop if n.completion_tokens <= 1 else [] for n in news],
             include_stop=[n.req.sampling.include_stop_str_in_output for n in news],
             min_tokens=[n.req.sampling.min_tokens for n in news],
+            prompt_tail=[n.req.prompt_ids[-CONTEXT_TOKENS:] if n.completion_tokens <= 1 else [] for n in news],
             logprobs=[n.logprobs for n in news] if any(n.logprobs for n in news) else [],
             prompt_logprobs=[n.prompt_logprobs for n in news] if any(n.prompt_logprobs for n in news) else [],
             sent_ns=time.monotonic_ns(),
