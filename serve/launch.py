@@ -1,8 +1,9 @@
 """The launcher: owns the config, the ipc directory and every child process.
 
 It starts the children with `spawn`, waits until each reports ready (or names the one that failed),
-then watches them. Any child dying stops the server with a non-zero exit; SIGINT/SIGTERM stop it
-cleanly with exit code 0. Either way every child is gone and the ipc directory removed.
+then watches them. Any child dying stops the server with a non-zero exit and a log line naming it;
+SIGINT/SIGTERM stop it cleanly with exit code 0. Either way every child is gone and the ipc directory
+removed. A killed launcher takes its children along (serve/proc.py: die_with_parent).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import socket as pysocket
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Callable
 
 import zmq
 
@@ -40,15 +40,22 @@ class Child:
     ready: Ready | None = None
 
 
-def _children(config: Config) -> list[tuple[str, Callable]]:
-    from serve.api.main import main as api
-    from serve.detokenizer.main import main as detokenizer
-    from serve.scheduler.main import main as scheduler
-    from serve.tokenizer.main import main as tokenizer
-    from serve.worker.main import main as worker
+def _children(config: Config) -> list[tuple]:
+    """(name, "module:function", extra args): each child imports its own code, after it has made sure
+    it dies with the launcher (serve/proc.py: child_main)."""
+    workers = [(f"worker-{rank}", "serve.worker.main:main", rank) for rank in range(config.engine.tp)]
+    return [("scheduler", "serve.scheduler.main:main"), *workers, ("tokenizer", "serve.tokenizer.main:main"),
+            ("detokenizer", "serve.detokenizer.main:main"), ("api", "serve.api.main:main")]
 
-    workers = [(f"worker-{rank}", worker, rank) for rank in range(config.engine.tp)]
-    return [("scheduler", scheduler), *workers, ("tokenizer", tokenizer), ("detokenizer", detokenizer), ("api", api)]
+
+def how_it_ended(process: BaseProcess) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def check_port(host: str, port: int) -> None:
@@ -81,10 +88,12 @@ class Launcher:
     def start(self) -> None:
         spawn = mp.get_context("spawn")
         lvl = self.config.server.log_level
-        for name, target, *extra in _children(self.config):
+        children = _children(self.config)
+        log.info("starting %s; ipc directory %s", ", ".join(name for name, *_ in children), self.eps.ipc_dir)
+        for name, target, *extra in children:
             proc = spawn.Process(
                 target=child_main, name=f"serve:{name}",
-                args=(name, lvl, self.eps.launcher, target, self.config, self.model, self.eps, *extra),
+                args=(name, lvl, os.getpid(), self.eps.launcher, target, self.config, self.model, self.eps, *extra),
             )
             proc.start()
             self.children.append(Child(name, proc))
@@ -109,15 +118,21 @@ class Launcher:
             self._drain_wakeups(events)
             if self.stopping:
                 raise StartupError("interrupted during start-up")
-            while self.inbox.poll(0):
-                msg = recv(self.inbox)
-                if isinstance(msg, StartupFailed):
-                    raise StartupError(f"{msg.name} failed to start: {msg.error}")
-                if isinstance(msg, Ready):
-                    next(c for c in self.children if c.name == msg.name).ready = msg
-            for child in self.children:
-                if not child.ready and child.process.exitcode is not None:
-                    raise StartupError(f"{child.name} exited with code {child.process.exitcode} during start-up")
+            self._read_inbox()
+            dead = next((c for c in self.children if c.process.exitcode is not None), None)
+            if dead is not None:
+                # A child that fails says why just before it exits; the message may trail its exit.
+                if self.inbox.poll(500):
+                    self._read_inbox()
+                raise StartupError(f"{dead.name} (pid {dead.process.pid}) {how_it_ended(dead.process)} during start-up")
+
+    def _read_inbox(self) -> None:
+        while self.inbox.poll(0):
+            msg = recv(self.inbox)
+            if isinstance(msg, StartupFailed):
+                raise StartupError(f"{msg.name} failed to start: {msg.error}")
+            if isinstance(msg, Ready):
+                next(c for c in self.children if c.name == msg.name).ready = msg
 
     def _drain_wakeups(self, events: dict) -> None:
         if self.wake_r in events:
@@ -141,30 +156,44 @@ class Launcher:
         while not self.stopping:
             events = dict(poller.poll())
             self._drain_wakeups(events)
-            for child in self.children:
-                if child.process.exitcode is not None:
-                    log.error("%s (pid %d) died with exit code %s; stopping the server",
-                              child.name, child.process.pid, child.process.exitcode)
-                    return 1
+            dead = [c for c in self.children if c.process.exitcode is not None]
+            for child in dead:
+                log.error("%s (pid %d) %s; stopping the server",
+                          child.name, child.process.pid, how_it_ended(child.process))
+            if dead:
+                return 1
         log.info("stopping")
         return 0
 
-    def stop(self) -> None:
-        # The api goes first so no new request arrives while the rest stop.
-        order = sorted(self.children, key=lambda c: c.name != "api")
-        for child in order:
+    def stop(self, drain: bool = False) -> None:
+        """Stops every child. With `drain` (a clean stop), the api goes first and alone: on SIGTERM it answers
+        503 to new requests, lets running ones finish for up to shutdown_timeout_s, aborts the rest, and
+        exits; the pipeline behind it is still there to finish them. Without (a child died), the pipeline
+        is broken and nothing running can finish: the api is killed outright, so its clients see their
+        connections close at once instead of waiting out a drain."""
+        timeout = self.config.server.shutdown_timeout_s
+        api = [c for c in self.children if c.name == "api"]
+        if drain:
+            self._end(api, signal.SIGTERM, timeout + 5)
+        else:
+            self._end(api, signal.SIGKILL, timeout)
+        self._end([c for c in self.children if c.name != "api"], signal.SIGTERM, timeout)
+        self.inbox.close()
+        self.ctx.term()
+        shutil.rmtree(self.eps.ipc_dir, ignore_errors=True)
+
+    @staticmethod
+    def _end(children: list[Child], sig: int, timeout: float) -> None:
+        for child in children:
             if child.process.is_alive():
-                child.process.terminate()
-        deadline = time.monotonic() + self.config.server.shutdown_timeout_s
-        for child in order:
+                os.kill(child.process.pid, sig)
+        deadline = time.monotonic() + timeout
+        for child in children:
             child.process.join(max(0.0, deadline - time.monotonic()))
             if child.process.is_alive():
                 log.warning("%s did not stop in time; killing it", child.name)
                 child.process.kill()
                 child.process.join()
-        self.inbox.close()
-        self.ctx.term()
-        shutil.rmtree(self.eps.ipc_dir, ignore_errors=True)
 
 
 def run(config: Config) -> int:
@@ -179,6 +208,7 @@ def run(config: Config) -> int:
     check_port(config.server.host, config.server.port)
     model = resolve_model(config, log=log.info)
     launcher = Launcher(config, model)
+    code = 1
     try:
         launcher.start()
         try:
@@ -187,6 +217,7 @@ def run(config: Config) -> int:
             log.error("%s", e)
             return 0 if launcher.stopping else 1
         print(launcher.banner(), flush=True)
-        return launcher.supervise()
+        code = launcher.supervise()
+        return code
     finally:
-        launcher.stop()
+        launcher.stop(drain=code == 0)

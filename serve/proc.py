@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import signal
@@ -10,19 +11,26 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """Ask the kernel to kill us when the launcher dies, and watch the parent as a second line of defence
-    (the death signal follows the parent *thread*, and is not available off Linux)."""
+    (the death signal follows the parent *thread*, and is not available off Linux). `parent` is the pid
+    of the process that spawned us, passed along so that a parent dead before this call counts too;
+    without it, whoever is our parent now."""
+    if parent is None:
+        parent = os.getppid()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
-    parent = os.getppid()
+    # The death signal only covers a death after this call; a launcher that died while we started up
+    # has already made us an orphan, and we must not go on to serve.
+    if os.getppid() != parent:
+        os._exit(1)
 
     def watch() -> None:
         while True:
@@ -75,9 +83,14 @@ class Reporter:
         self._send(StartupFailed(self.name, error))
 
 
-def child_main(name: str, log_level: str, launcher_endpoint: str, target: Callable[..., None], *args: Any) -> None:
-    """Entry point of every spawned child: `target(reporter, *args)` runs the process's loop."""
-    die_with_parent()
+def child_main(name: str, log_level: str, parent: int, launcher_endpoint: str, target: str, *args: Any) -> None:
+    """Entry point of every spawned child: `target(reporter, *args)` runs the process's loop.
+
+    `target` is "module:function", imported only here: `spawn` unpickles this call's arguments before it
+    runs, and a function passed by reference would import its module (fastapi, tokenizers, ...) then,
+    seconds during which the launcher's death would go unnoticed. This module and the arguments' own
+    modules (config, model_files, ipc) stay light."""
+    die_with_parent(parent)
     # Ctrl-C reaches the whole process group; the launcher alone decides how the server stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from setproctitle import setproctitle
@@ -86,7 +99,8 @@ def child_main(name: str, log_level: str, launcher_endpoint: str, target: Callab
     log = setup_logging(name, log_level)
     reporter = Reporter(name, launcher_endpoint)
     try:
-        target(reporter, *args)
+        module, _, function = target.partition(":")
+        getattr(importlib.import_module(module), function)(reporter, *args)
     except Exception as e:
         if not reporter.sent_ready:
             reporter.failed(f"{type(e).__name__}: {e}")

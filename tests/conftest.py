@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +16,17 @@ TINY_NAME = "tiny-llama"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def long_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model with an 8k context: its streams outlive any test (the tiny model makes a few
+    hundred tokens a second), so a stream that finishes normally was never cut off."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-long"
+    shutil.copytree(tiny_model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 8192}))
+    return folder
 
 
 @pytest.fixture(scope="module")
