@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from serve.config import ConfigError, apply_overrides, load_config, parse_settings
@@ -25,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--no-prefix-cache", action="store_const", const=False, dest="prefix_cache", help="recompute every prompt")
     launch.add_argument("--no-overlap", action="store_const", const=False, dest="overlap", help="plan each step only after the last one ends")
     launch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    launch.add_argument("--api-key", help="require this Bearer key on /v1/* and the other endpoints (not /health); default $SERVE_API_KEY")
     launch.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field, e.g. engine.max_running_requests=8")
     return p
 
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             "server.host": args.host, "server.port": args.port, "engine.tp": args.tp,
             "engine.kv_pool_tokens": args.kv_pool_tokens, "server.log_level": args.log_level,
             "engine.chunked_prefill_tokens": args.chunked_prefill_tokens, "engine.prefix_cache": args.prefix_cache,
-            "engine.overlap": args.overlap, **parse_settings(args.set),
+            "engine.overlap": args.overlap, "server.api_key": args.api_key or os.environ.get("SERVE_API_KEY"),
+            **parse_settings(args.set),
         })
         from serve.launch import run
 

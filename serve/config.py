@@ -37,6 +37,8 @@ class EngineConfig:
     # KV pool size in tokens, shared by all running requests.
     kv_pool_tokens: int = 32768
     max_running_requests: int = 64
+    # Requests queued behind the running ones; beyond this a new request gets 503 with Retry-After.
+    max_waiting_requests: int = 1024
     # 0 means the model's own context length.
     max_model_len: int = 0
     # Chunked prefill: each step decodes every running request and adds up to this many prompt tokens
@@ -60,6 +62,11 @@ class ServerConfig:
     port: int = 8000
     log_level: str = "info"
     max_body_mb: float = 8.0  # a larger request body gets 413
+    # Clients must send "Authorization: Bearer <key>" (all but /health and /version); empty: no key.
+    api_key: str = ""
+    # /health answers 503 when a probe through tokenizer, scheduler and detokenizer takes longer than
+    # this, or when a step has been running on the workers for longer.
+    health_timeout_s: float = 20.0
     # How long a stop waits for children to exit before killing them.
     shutdown_timeout_s: float = 5.0
 
@@ -149,6 +156,8 @@ def validate(config: Config) -> None:
         raise ConfigError("model.quantization: int8 needs dtype float32 (or auto on a CPU without native bfloat16)")
     if config.engine.tp < 1:
         raise ConfigError(f"engine.tp must be at least 1, got {config.engine.tp}")
+    if not 0 < config.server.max_body_mb <= 32:
+        raise ConfigError("server.max_body_mb must be between 0 and 32 (ZeroMQ messages are capped at 64 MB)")
     if config.engine.max_running_requests < 1 or config.engine.kv_pool_tokens < 16:
         raise ConfigError("engine.max_running_requests must be >= 1 and engine.kv_pool_tokens >= 16")
     if config.engine.chunked_prefill_tokens < 0 or config.engine.max_prefill_tokens < 1:

@@ -14,6 +14,8 @@ import zmq
 
 from serve.messages import decode, encode
 
+MAX_MESSAGE_BYTES = 64 << 20
+
 
 @dataclass(frozen=True)
 class Endpoints:
@@ -69,6 +71,9 @@ def socket(ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool, identity: 
     sock = ctx.socket(kind)
     # Never block process exit on undelivered messages: a stopping server drops them on purpose.
     sock.setsockopt(zmq.LINGER, 0)
+    # No message of ours comes near this (request bodies are capped at the api, 8 MB by default); a peer
+    # that sends more is broken or hostile, and gets disconnected instead of making us allocate it.
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     if kind == zmq.PUB:

@@ -117,6 +117,15 @@ class TokenizeReply:
     text: str
 
 
+@message(7)
+class Probe:
+    """/health: goes api -> tokenizer -> scheduler -> detokenizer -> api like a request, so it comes back
+    only if every stage's loop is turning (and the scheduler adds: no step is stuck on the workers)."""
+
+    rid: str
+    api_id: bytes = b""
+
+
 @message(4)
 class RequestError:
     """Sent back to the api when a request cannot be served (validation); becomes a 4xx."""

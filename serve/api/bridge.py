@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from typing import AsyncIterator
 
 import zmq
@@ -17,8 +18,8 @@ import zmq.asyncio
 
 from serve.ipc import Endpoints, socket
 from serve.messages import (
-    AbortRequest, ControlReply, ControlRequest, GenerateRequest, OutputBatch, RequestError, RequestOutput, TokenizeReply,
-    TokenizeRequest, decode, encode,
+    AbortRequest, ControlReply, ControlRequest, GenerateRequest, OutputBatch, Probe, RequestError, RequestOutput,
+    TokenizeReply, TokenizeRequest, decode, encode,
 )
 
 log = logging.getLogger("serve.api")
@@ -34,6 +35,7 @@ class Bridge:
         self.control: zmq.asyncio.Socket | None = None
         self.control_lock = asyncio.Lock()
         self.queues: dict[str, asyncio.Queue] = {}
+        self.live: set[str] = set()  # generation requests not finished yet
         self.tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -47,7 +49,7 @@ class Bridge:
                     q = self.queues.get(out.rid)
                     if q is not None:  # else: aborted here already; late outputs are dropped quietly
                         q.put_nowait(out)
-            elif isinstance(msg, (RequestError, TokenizeReply)):
+            elif isinstance(msg, (RequestError, TokenizeReply, Probe)):
                 q = self.queues.get(msg.rid)
                 if q is not None:
                     q.put_nowait(msg)
@@ -56,6 +58,7 @@ class Bridge:
         """Yields outputs until the request finishes; aborts it if the consumer stops early."""
         q: asyncio.Queue = asyncio.Queue()
         self.queues[req.rid] = q
+        self.live.add(req.rid)
         finished = False
         try:
             req.sent_ns = time.monotonic_ns()
@@ -68,17 +71,30 @@ class Bridge:
                     return
         finally:
             self.queues.pop(req.rid, None)
+            self.live.discard(req.rid)
             if not finished:
                 await self.to_tokenizer.send(encode(AbortRequest(req.rid)))
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeReply | RequestError:
-        q: asyncio.Queue = asyncio.Queue()
-        self.queues[req.rid] = q
+        return await self._round_trip(req.rid, req)
+
+    async def probe(self, timeout_s: float) -> bool:
+        """True if a probe made it through tokenizer, scheduler and detokenizer back to us in time."""
+        rid = f"probe-{uuid.uuid4().hex}"
         try:
-            await self.to_tokenizer.send(encode(req))
+            await asyncio.wait_for(self._round_trip(rid, Probe(rid)), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _round_trip(self, rid: str, msg: object) -> object:
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[rid] = q
+        try:
+            await self.to_tokenizer.send(encode(msg))
             return await q.get()
         finally:
-            self.queues.pop(req.rid, None)
+            self.queues.pop(rid, None)
 
     async def ask(self, kind: str, timeout_s: float = 2.0) -> dict | None:
         """One control request to the scheduler; None on timeout. A REQ that timed out is closed and made

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 
 import uvicorn
 
@@ -27,7 +28,7 @@ class _Server(uvicorn.Server):
 async def _serve(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -> None:
     bridge = Bridge(eps)
     bridge.start()
-    app = create_app(bridge, model, int(config.server.max_body_mb * 2**20))
+    app = create_app(bridge, model, config.server)
     server = _Server(uvicorn.Config(
         app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
         access_log=config.server.log_level == "debug", timeout_graceful_shutdown=1,
@@ -38,6 +39,13 @@ async def _serve(reporter: Reporter, config: Config, model: ModelInfo, eps: Endp
             raise RuntimeError(f"could not listen on {config.server.host}:{config.server.port}")
         await asyncio.sleep(0.05)
     reporter.ready(url=f"http://{config.server.host}:{config.server.port}")
+
+    async def drain_then_exit() -> None:
+        await app.state.drain.run()
+        server.should_exit = True
+
+    # The launcher stops the api first, with SIGTERM: drain, then exit; the launcher stops the rest after.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(drain_then_exit()))
     await task
 
 

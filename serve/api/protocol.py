@@ -6,7 +6,8 @@ Fields a client may send that we do not use (`user`, `metadata`, ...) are ignore
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import hmac
+from typing import Annotated, Any, Callable, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -16,25 +17,30 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 async def api_error_handler(_: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
 
-async def not_found_handler(request: Request, exc: Exception) -> JSONResponse:
-    status = getattr(exc, "status_code", 404)
-    return APIError(status, f"{request.method} {request.url.path[:200]}: {getattr(exc, 'detail', 'not found')}",
-                    type="invalid_request_error" if status < 500 else "server_error").response()
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The framework's own errors (unknown route, wrong method, an unparsable body) in OpenAI's envelope."""
+    status = getattr(exc, "status_code", 500)
+    if status == 400:
+        message = "the request body is not valid JSON"
+    else:
+        message = f"{request.method} {request.url.path[:200]}: {getattr(exc, 'detail', 'error')}"
+    return APIError(status, message, type="invalid_request_error" if status < 500 else "server_error").response()
 
 
 async def internal_error_handler(_: Request, exc: Exception) -> JSONResponse:
@@ -52,6 +58,8 @@ async def validation_error_handler(_: Request, exc: RequestValidationError) -> J
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         message, param = "the request body is not valid JSON", None
+    elif first.get("type") == "missing" and param is None:
+        message = "the request body is missing"
     elif first.get("type") == "missing":
         message = f"missing required parameter: {param}"
     else:
@@ -90,6 +98,33 @@ class BodyLimit:
         await error.response()(scope, receive, send)
 
 
+class Gate:
+    """ASGI middleware in front of everything: the API key, and a draining server's 503.
+
+    /health and /version stay open (probes carry no key); so do the OpenAPI schema and docs.
+    """
+
+    OPEN = {"/health", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+
+    def __init__(self, app, api_key: str, draining: Callable[[], bool]) -> None:
+        self.app, self.draining = app, draining
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            error = None
+            if self.draining() and scope["path"] != "/version":
+                error = APIError(503, "the server is shutting down", type="service_unavailable", headers={"Retry-After": "5"})
+            elif self.expected is not None and scope["path"] not in self.OPEN:
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, self.expected):
+                    error = APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                                     code="invalid_api_key")
+            if error is not None:
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _replay(messages: list[dict], then=None):
     async def receive() -> dict:
         if messages:
@@ -123,7 +158,7 @@ class _Sampling(_Base):
     max_tokens: int | None = Field(default=None, ge=0, le=INT32)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
+    top_k: int = Field(default=0, ge=-1, le=INT32)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-2**62, le=2**62)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)

@@ -22,13 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.api.bridge import Bridge
 from serve.api.protocol import (
-    AbortBody, APIError, BodyLimit, ChatCompletionRequest, CompletionRequest, DetokenizeBody, TokenizeBody,
-    api_error_handler, internal_error_handler, not_found_handler, validation_error_handler,
+    AbortBody, APIError, BodyLimit, ChatCompletionRequest, CompletionRequest, DetokenizeBody, Gate, TokenizeBody,
+    api_error_handler, http_error_handler, internal_error_handler, validation_error_handler,
 )
 from serve.api.shapes import ChatShape, Choice, CompletionShape
 from serve.messages import (
     AbortRequest, GenerateRequest, RequestError, RequestOutput, SamplingParams, TokenizeReply, TokenizeRequest, encode,
 )
+from serve.config import ServerConfig
 from serve.model_files import ModelInfo
 
 try:
@@ -39,13 +40,36 @@ except PackageNotFoundError:
 Shape = ChatShape | CompletionShape
 
 
-def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) -> FastAPI:
+class Drain:
+    """SIGTERM: answer 503 to new requests, let the running ones finish for up to `timeout_s`, then
+    abort what is left (its clients see finish_reason "abort") and let the api exit."""
+
+    def __init__(self, bridge: Bridge, timeout_s: float) -> None:
+        self.bridge, self.timeout_s = bridge, timeout_s
+        self.active = False
+
+    async def run(self) -> None:
+        self.active = True
+        deadline = time.monotonic() + self.timeout_s
+        while self.bridge.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self.bridge.live):
+            await self.bridge.to_tokenizer.send(encode(AbortRequest(rid)))
+        deadline = time.monotonic() + 2.0  # the aborts' last chunks on their way to the clients
+        while self.bridge.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = None) -> FastAPI:
+    server = server or ServerConfig()
     app = FastAPI(title="serve", version=VERSION)
+    app.state.drain = drain = Drain(bridge, server.shutdown_timeout_s)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_exception_handler(StarletteHTTPException, not_found_handler)  # unknown routes and methods
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, internal_error_handler)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=int(server.max_body_mb * 2**20))
+    app.add_middleware(Gate, api_key=server.api_key, draining=lambda: drain.active)
     created = int(time.time())
 
     def check_model(name: str | None) -> None:
@@ -81,8 +105,7 @@ def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) 
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = await bridge.ask("ping", timeout_s=2.0)
-        if ok is None:
+        if not await bridge.probe(server.health_timeout_s):
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -120,6 +143,13 @@ def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) 
         reply = await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, token_ids=body.tokens))
         return {"prompt": reply.text, "text": reply.text}  # vLLM's name and SGLang's
 
+    async def detokenize_prompt(ids: list[int]) -> str:
+        try:
+            return (await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, token_ids=ids))).text
+        except APIError as e:
+            e.param = "prompt"  # the ids came as the prompt
+            raise
+
     async def ask_tokenizer(req: TokenizeRequest) -> TokenizeReply:
         reply = await bridge.tokenize(req)
         if isinstance(reply, RequestError):
@@ -129,7 +159,7 @@ def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) 
     @app.post("/abort_request")
     async def abort_request(body: AbortBody) -> dict:
         """Ends a running response (all its choices) with finish_reason "abort", as SGLang's endpoint does."""
-        rids = [r for r in list(bridge.queues) if r == body.rid or r.startswith(body.rid + "-")]
+        rids = [r for r in list(bridge.live) if r == body.rid or r.startswith(body.rid + "-")]
         for r in rids:
             await bridge.to_tokenizer.send(encode(AbortRequest(r)))
         return {"aborted": len(rids)}
@@ -161,7 +191,7 @@ def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) 
         echoes = []
         if body.echo:
             for p in prompts:
-                echoes.append(p["text"] if "text" in p else (await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, token_ids=p["ids"]))).text)
+                echoes.append(p["text"] if "text" in p else await detokenize_prompt(p["ids"]))
         return await respond(request, reqs, CompletionShape(rid, model.served_name, body.logprobs, body.return_tokens_as_token_ids), body, echoes)
 
     async def respond(request: Request, reqs: list[GenerateRequest], shape: Shape, body, echoes: list[str]):
@@ -174,21 +204,25 @@ def create_app(bridge: Bridge, model: ModelInfo, max_body_bytes: int = 8 << 20) 
             return Response(status_code=499)
         firsts = started.result()
         error = next((f for f in firsts if isinstance(f, RequestError)), None)
-        if error is not None:
+        overloaded = any(isinstance(f, RequestOutput) and f.finish_reason == "overloaded" for f in firsts)
+        if error is not None or overloaded:
             await asyncio.gather(*(s.aclose() for s in streams))
+            if overloaded:
+                raise APIError(503, "the server's queue is full; retry later", type="service_unavailable",
+                               code="overloaded", headers={"Retry-After": "1"})
             raise APIError(error.status, error.message, error.param, error.code)
         choices = [Choice(i) for i in range(len(reqs))]
         echo = [echoes[i // body.n] if echoes else "" for i in range(len(reqs))]
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(sse(shape, choices, firsts, streams, echo, body.n, usage), media_type="text/event-stream")
-        collect = asyncio.ensure_future(asyncio.gather(*(
-            drain(shape, c, f, s, e) for c, f, s, e in zip(choices, firsts, streams, echo))))
-        if not await _unless_disconnected(request, collect):
+        gathered = asyncio.ensure_future(asyncio.gather(*(
+            collect(shape, c, f, s, e) for c, f, s, e in zip(choices, firsts, streams, echo))))
+        if not await _unless_disconnected(request, gathered):
             return Response(status_code=499)  # nobody is listening; the requests were aborted
         return shape.final(choices, body.n)
 
-    async def drain(shape: Shape, choice: Choice, out: RequestOutput, stream: AsyncIterator, echo: str) -> None:
+    async def collect(shape: Shape, choice: Choice, out: RequestOutput, stream: AsyncIterator, echo: str) -> None:
         try:
             shape.update(choice, out, echo)
             while out.finish_reason is None:

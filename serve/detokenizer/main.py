@@ -13,7 +13,7 @@ import zmq
 
 from serve.config import Config
 from serve.ipc import Endpoints, recv, socket
-from serve.messages import Logprobs, OutputBatch, RequestOutput, TextLogprobs, TokenBatch, encode
+from serve.messages import Logprobs, OutputBatch, Probe, RequestOutput, TextLogprobs, TokenBatch, encode
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
 from serve.stops import TextStream
@@ -61,6 +61,12 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
     reporter.ready()
     while True:
         batch = recv(inbox)
+        if isinstance(batch, Probe):
+            try:
+                apis.send_multipart([batch.api_id, encode(batch)])
+            except zmq.ZMQError:
+                pass
+            continue
         if not isinstance(batch, TokenBatch):
             continue
         per_api: dict[bytes, list[RequestOutput]] = defaultdict(list)

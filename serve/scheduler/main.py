@@ -17,7 +17,7 @@ import zmq
 from serve.config import Config
 from serve.ipc import Endpoints, drain, send, socket
 from serve.messages import (
-    AbortRequest, ControlReply, ControlRequest, Hello, HelloAck, StepResult, TokenBatch, TokenizedRequest, decode,
+    AbortRequest, ControlReply, ControlRequest, Hello, HelloAck, Probe, StepResult, TokenBatch, TokenizedRequest, decode,
 )
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
@@ -40,6 +40,9 @@ class Scheduler:
             decode=TextTokenizer(model.hf_dir).decode,
         )
         self.depth = 2 if e.overlap else 1
+        self.max_waiting = e.max_waiting_requests
+        self.health_timeout_ns = int(config.server.health_timeout_s * 1e9)
+        self.rejected = 0
         ctx = zmq.Context.instance()
         self.requests = socket(ctx, zmq.PULL, eps.scheduler, bind=True)
         self.plans = socket(ctx, zmq.PUB, eps.plan, bind=True)
@@ -96,7 +99,17 @@ class Scheduler:
 
     def _on_request(self, msg: object) -> None:
         if isinstance(msg, TokenizedRequest):
-            self.batcher.add(Req(msg.rid, msg.api_id, msg.input_ids, msg.sampling, group=msg.group))
+            req = Req(msg.rid, msg.api_id, msg.input_ids, msg.sampling, group=msg.group)
+            if len(self.batcher.waiting) >= self.max_waiting:
+                self.rejected += 1  # the api answers 503: try again later
+                self.news.append(Finished(req, -1, "overloaded"))
+            else:
+                self.batcher.add(req)
+        elif isinstance(msg, Probe):
+            # Answered (through the detokenizer) only while the workers keep up: a step in flight for
+            # longer than the health timeout means a stuck rank, and /health turns 503.
+            if not self.inflight or time.monotonic_ns() - self.inflight[0].plan.sent_ns < self.health_timeout_ns:
+                send(self.outputs, msg)
         elif isinstance(msg, AbortRequest):
             req = self.batcher.abort(msg.rid)
             if req is not None:
@@ -132,7 +145,7 @@ class Scheduler:
 
     def _on_control(self, msg: object) -> None:
         if isinstance(msg, ControlRequest) and msg.kind == "stats":
-            data = {**self.batcher.stats(), "steps": self.steps, "aborted": self.aborted}
+            data = {**self.batcher.stats(), "steps": self.steps, "aborted": self.aborted, "rejected": self.rejected}
         else:
             data = {"ok": True}
         send(self.control, ControlReply(getattr(msg, "kind", "?"), data))

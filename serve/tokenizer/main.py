@@ -10,7 +10,7 @@ import zmq
 from serve.config import Config
 from serve.ipc import Endpoints, send, socket
 from serve.messages import (
-    AbortRequest, GenerateRequest, RequestError, TokenizedRequest, TokenizeReply, TokenizeRequest, decode, encode,
+    AbortRequest, GenerateRequest, Probe, RequestError, TokenizedRequest, TokenizeReply, TokenizeRequest, decode, encode,
 )
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
@@ -103,6 +103,9 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
         msg = decode(payload)
         if isinstance(msg, AbortRequest):
             send(to_scheduler, msg)
+            continue
+        if isinstance(msg, Probe):
+            send(to_scheduler, Probe(msg.rid, api_id))
             continue
         try:
             if isinstance(msg, TokenizeRequest):

@@ -202,7 +202,7 @@ class Sampler:
         V = x.shape[1]
         sorted_x, order = x.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=x.device)[None, :]
-        top_k = self._tensor([p.top_k if p.top_k > 0 else V for p in params], torch.int64)
+        top_k = self._tensor([min(p.top_k, V) if p.top_k > 0 else V for p in params], torch.int64)
         top_p = self._tensor([p.top_p for p in params], torch.float32)
         probs = torch.softmax(sorted_x, dim=-1)
         # Mass strictly before each token: the most likely token always survives.
