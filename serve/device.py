@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def place(rank: int, dtype: str) -> Placement:
+    # The ranks of one server share a machine: their collectives' own TCP sockets stay on loopback
+    # (gloo and NCCL otherwise pick the interface the host name resolves to). A user may override.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     if torch.cuda.is_available():
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

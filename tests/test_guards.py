@@ -115,3 +115,15 @@ def test_sigterm_drains(long_model):
         assert short[-1].choices[0].finish_reason == "length"  # finished within the drain
         assert long[-1].choices[0].finish_reason == "abort"  # ~8,000 tokens: far more than 3 s, aborted
         assert server.proc.wait(15) == 0
+
+
+def test_nothing_listens_beyond_loopback(tiny_model):
+    """ZeroMQ runs over ipc files; the only TCP sockets are the api's (on --host) and the TP ranks'
+    collectives, which stay on loopback."""
+    with Server("--model", str(tiny_model), "--served-name", TINY_NAME, "--dtype", "float32", "--tp", "2") as server:
+        with server.http() as http:
+            assert http.post("/v1/completions", json={"model": TINY_NAME, "prompt": "Hi", "max_tokens": 2}).status_code == 200
+        listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+        ours = [line for line in listening if any(f"pid={p}," in line for p in server.children)]
+        assert any("serve:worker-1" in line for line in ours), ours  # the check sees the ranks' sockets
+        assert all(line.split()[3].startswith("127.0.0.1:") for line in ours), ours
