@@ -57,6 +57,10 @@ class Endpoints:
         return self._ep("control")
 
     @property
+    def events(self) -> str:  # launcher -> api, scheduler: a stage was restarted (PUB/SUB)
+        return self._ep("events")
+
+    @property
     def dist_init(self) -> str:  # torch.distributed rendezvous file: no TCP port to collide on
         return f"file://{os.path.join(self.ipc_dir, 'dist-rendezvous')}"
 

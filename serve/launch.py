@@ -15,14 +15,14 @@ import shutil
 import signal
 import socket as pysocket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 
 import zmq
 
 from serve.config import Config, ConfigError
-from serve.ipc import Endpoints, make_ipc_dir, recv, socket
-from serve.messages import Ready, StartupFailed
+from serve.ipc import Endpoints, make_ipc_dir, recv, send, socket
+from serve.messages import Ready, StageRestarted, StartupFailed
 from serve.model_files import ModelInfo, resolve_model
 from serve.proc import child_main
 
@@ -36,8 +36,17 @@ class StartupError(Exception):
 @dataclass
 class Child:
     name: str
+    target: str
+    extra: tuple
     process: BaseProcess
     ready: Ready | None = None
+    restarts: list[float] = field(default_factory=list)  # when it was restarted
+
+
+# Stages that keep no state a restart cannot rebuild: when one dies, it is started again and ZeroMQ
+# reconnects its peers by itself. At most RESTARTS_PER_MINUTE, then the server stops as for any death.
+RESTARTABLE = {"tokenizer", "detokenizer"}
+RESTARTS_PER_MINUTE = 3
 
 
 def _children(config: Config) -> list[tuple]:
@@ -73,6 +82,7 @@ class Launcher:
         self.eps = Endpoints(make_ipc_dir())
         self.ctx = zmq.Context()
         self.inbox = socket(self.ctx, zmq.PULL, self.eps.launcher, bind=True)
+        self.events = socket(self.ctx, zmq.PUB, self.eps.events, bind=True)
         self.children: list[Child] = []
         self.stopping = False
         # Signals only write a byte here; the poll loop below wakes on it.
@@ -86,17 +96,19 @@ class Launcher:
         self.stopping = True
 
     def start(self) -> None:
-        spawn = mp.get_context("spawn")
-        lvl = self.config.server.log_level
         children = _children(self.config)
         log.info("starting %s; ipc directory %s", ", ".join(name for name, *_ in children), self.eps.ipc_dir)
         for name, target, *extra in children:
-            proc = spawn.Process(
-                target=child_main, name=f"serve:{name}",
-                args=(name, lvl, os.getpid(), self.eps.launcher, target, self.config, self.model, self.eps, *extra),
-            )
-            proc.start()
-            self.children.append(Child(name, proc))
+            self.children.append(Child(name, target, tuple(extra), self._spawn(name, target, tuple(extra))))
+
+    def _spawn(self, name: str, target: str, extra: tuple) -> BaseProcess:
+        proc = mp.get_context("spawn").Process(
+            target=child_main, name=f"serve:{name}",
+            args=(name, self.config.server.log_level, os.getpid(), self.eps.launcher, target, self.config, self.model,
+                  self.eps, *extra),
+        )
+        proc.start()
+        return proc
 
     def _poller(self) -> zmq.Poller:
         poller = zmq.Poller()
@@ -151,17 +163,28 @@ class Launcher:
         return "\n".join(lines)
 
     def supervise(self) -> int:
-        """Block until a signal (exit 0) or a child's death (exit 1)."""
+        """Block until a signal (exit 0) or the death of a child that cannot be restarted (exit 1)."""
         poller = self._poller()
         while not self.stopping:
             events = dict(poller.poll())
             self._drain_wakeups(events)
-            dead = [c for c in self.children if c.process.exitcode is not None]
-            for child in dead:
-                log.error("%s (pid %d) %s; stopping the server",
-                          child.name, child.process.pid, how_it_ended(child.process))
-            if dead:
+            try:
+                self._read_inbox()  # restarted children report ready (or fail) here
+            except StartupError as e:
+                log.error("%s; stopping the server", e)
                 return 1
+            for child in [c for c in self.children if c.process.exitcode is not None]:
+                now = time.monotonic()
+                child.restarts = [t for t in child.restarts if now - t < 60]
+                if child.name not in RESTARTABLE or len(child.restarts) >= RESTARTS_PER_MINUTE:
+                    log.error("%s (pid %d) %s; stopping the server", child.name, child.process.pid, how_it_ended(child.process))
+                    return 1
+                log.error("%s (pid %d) %s; restarting it", child.name, child.process.pid, how_it_ended(child.process))
+                child.restarts.append(now)
+                child.ready = None
+                child.process = self._spawn(child.name, child.target, child.extra)
+                send(self.events, StageRestarted(child.name))
+                poller = self._poller()
         log.info("stopping")
         return 0
 
@@ -179,6 +202,7 @@ class Launcher:
             self._end(api, signal.SIGKILL, timeout)
         self._end([c for c in self.children if c.name != "api"], signal.SIGTERM, timeout)
         self.inbox.close()
+        self.events.close()
         self.ctx.term()
         shutil.rmtree(self.eps.ipc_dir, ignore_errors=True)
 

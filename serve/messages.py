@@ -267,6 +267,14 @@ class ControlReply:
     data: dict[str, Any]
 
 
+@message(42)
+class StageRestarted:
+    """Published by the launcher when it has restarted a stateless stage (tokenizer, detokenizer): the
+    requests in flight may have lost a message inside it, so the api fails them and the scheduler drops them."""
+
+    name: str
+
+
 @message(40)
 class Ready:
     name: str

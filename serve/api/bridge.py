@@ -19,7 +19,7 @@ import zmq.asyncio
 from serve.ipc import Endpoints, socket
 from serve.messages import (
     AbortRequest, ControlReply, ControlRequest, GenerateRequest, OutputBatch, Probe, RequestError, RequestOutput,
-    TokenizeReply, TokenizeRequest, decode, encode,
+    StageRestarted, TokenizeReply, TokenizeRequest, decode, encode,
 )
 
 log = logging.getLogger("serve.api")
@@ -32,6 +32,7 @@ class Bridge:
         self.ctx = zmq.asyncio.Context.instance()
         self.to_tokenizer = socket(self.ctx, zmq.DEALER, eps.tokenizer, bind=False, identity=self.identity)
         self.from_detokenizer = socket(self.ctx, zmq.DEALER, eps.outputs, bind=False, identity=self.identity)
+        self.events = socket(self.ctx, zmq.SUB, eps.events, bind=False)
         self.control: zmq.asyncio.Socket | None = None
         self.control_lock = asyncio.Lock()
         self.queues: dict[str, asyncio.Queue] = {}
@@ -39,7 +40,7 @@ class Bridge:
         self.tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._read(self.to_tokenizer)), asyncio.create_task(self._read(self.from_detokenizer))]
+        self.tasks = [asyncio.create_task(self._read(s)) for s in (self.to_tokenizer, self.from_detokenizer, self.events)]
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -49,6 +50,12 @@ class Bridge:
                     q = self.queues.get(out.rid)
                     if q is not None:  # else: aborted here already; late outputs are dropped quietly
                         q.put_nowait(out)
+            elif isinstance(msg, StageRestarted):
+                # Any request in flight may have lost a message in the dead stage: fail them all now.
+                for rid in list(self.live):
+                    self.queues[rid].put_nowait(RequestError(
+                        rid, 503, f"the {msg.name} restarted while this request was running; send it again",
+                        code="stage_restarted"))
             elif isinstance(msg, (RequestError, TokenizeReply, Probe)):
                 q = self.queues.get(msg.rid)
                 if q is not None:

@@ -210,7 +210,7 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             if overloaded:
                 raise APIError(503, "the server's queue is full; retry later", type="service_unavailable",
                                code="overloaded", headers={"Retry-After": "1"})
-            raise APIError(error.status, error.message, error.param, error.code)
+            raise _api_error(error)
         choices = [Choice(i) for i in range(len(reqs))]
         echo = [echoes[i // body.n] if echoes else "" for i in range(len(reqs))]
         if body.stream:
@@ -227,6 +227,8 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             shape.update(choice, out, echo)
             while out.finish_reason is None:
                 out = await anext(stream)
+                if isinstance(out, RequestError):  # failed midway (a stage restarted): the response fails
+                    raise _api_error(out)
                 shape.update(choice, out)
         finally:
             await stream.aclose()  # aborts the request if it has not finished (client gone)
@@ -239,7 +241,7 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             try:
                 out = firsts[i]
                 await queue.put((i, out))
-                while out.finish_reason is None:
+                while isinstance(out, RequestOutput) and out.finish_reason is None:
                     out = await anext(streams[i])
                     await queue.put((i, out))
             finally:
@@ -253,6 +255,9 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             left, first = len(choices), set(range(len(choices)))
             while left:
                 i, out = await queue.get()
+                if isinstance(out, RequestError):  # failed midway: an error event, as OpenAI streams them
+                    yield f"data: {json.dumps(_api_error(out).body())}\n\n"
+                    return
                 chunk = shape.update(choices[i], out, echo[i] if i in first else "")
                 first.discard(i)
                 if chunk is not None:
@@ -268,6 +273,10 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             await asyncio.gather(*pumps, return_exceptions=True)
 
     return app
+
+
+def _api_error(e: RequestError) -> APIError:
+    return APIError(e.status, e.message, e.param, e.code, type="service_unavailable" if e.status == 503 else "invalid_request_error")
 
 
 def _prompts(prompt: str | list) -> list[dict]:

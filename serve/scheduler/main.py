@@ -17,7 +17,8 @@ import zmq
 from serve.config import Config
 from serve.ipc import Endpoints, drain, send, socket
 from serve.messages import (
-    AbortRequest, ControlReply, ControlRequest, Hello, HelloAck, Probe, StepResult, TokenBatch, TokenizedRequest, decode,
+    AbortRequest, ControlReply, ControlRequest, Hello, HelloAck, Probe, StageRestarted, StepResult, TokenBatch,
+    TokenizedRequest, decode,
 )
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
@@ -48,6 +49,7 @@ class Scheduler:
         self.plans = socket(ctx, zmq.PUB, eps.plan, bind=True)
         self.results = socket(ctx, zmq.PULL, eps.results, bind=True)
         self.control = socket(ctx, zmq.REP, eps.control, bind=True)
+        self.events = socket(ctx, zmq.SUB, eps.events, bind=False)
         self.outputs = socket(ctx, zmq.PUSH, eps.detokenizer, bind=False)
         self.inflight: deque[Step] = deque()
         self.steps = 0
@@ -68,7 +70,7 @@ class Scheduler:
 
     def run(self) -> None:
         poller = zmq.Poller()
-        for sock in (self.requests, self.results, self.control):
+        for sock in (self.requests, self.results, self.control, self.events):
             poller.register(sock, zmq.POLLIN)
         planned = False
         while True:
@@ -84,6 +86,10 @@ class Scheduler:
                     self._on_request(msg)
             if self.control in ready:
                 self._on_control(decode(self.control.recv()))
+            if self.events in ready:
+                for msg in drain(self.events):
+                    if isinstance(msg, StageRestarted):
+                        self._abort_all(msg.name)
             planned = False
             if len(self.inflight) < self.depth:
                 step = self.batcher.next_plan(may_preempt=not self.inflight)
@@ -115,6 +121,13 @@ class Scheduler:
             if req is not None:
                 self.aborted += 1
                 self.news.append(Finished(req, -1, "abort", sum(1 for t in req.output_ids if t != PENDING)))
+
+    def _abort_all(self, stage: str) -> None:
+        """A restarted stage may have lost any request's message: the api fails them all, and we free them."""
+        reqs = list(self.batcher.waiting) + list(self.batcher.running)
+        for req in reqs:
+            self._on_request(AbortRequest(req.rid))
+        log.warning("the %s restarted: dropped %d requests in flight", stage, len(reqs))
 
     def _on_result(self, msg: StepResult) -> None:
         step = self.inflight.popleft()
