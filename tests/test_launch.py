@@ -72,6 +72,7 @@ def test_child_failing_at_startup_is_named(tmp_path, tiny_model):
 def test_signal_stops_everything(tiny_model, sig, group):
     with Server("--model", str(tiny_model), "--served-name", TINY_NAME) as server:
         assert len(server.children) >= 5 and os.path.isdir(server.ipc_dir)
+        assert os.stat(server.ipc_dir).st_mode & 0o777 == 0o700  # other local users cannot reach the sockets
         elapsed = server.stop(sig, group=group)
         assert server.returncode == 0
         assert elapsed < 10
