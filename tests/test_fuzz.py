@@ -1,11 +1,11 @@
 """Schemathesis against the tiny model's own /openapi.json: every operation, bounded and seeded examples,
 no 5xx, and every answer in the shape a client relies on.
 
-The app declares almost no response schemas (chat and completions declare `{}`, the rest a bare object,
-and errors a 422 that it never sends: bad input is a 400 in OpenAI's envelope). So besides schemathesis's
-`not_a_server_error` and `response_schema_conformance`, the checks below hold each answer to what the
-README promises: errors in `{"error": {"message", "type", "param", "code"}}` with 400, 404, 405 or 413; a
-completion's choices, finish reasons and usage; a stream's `data:` lines ending in `[DONE]`.
+The app declares its responses (serve/api/schemas.py): every status it may send, JSON or an event
+stream, and their schemas, errors included. Schemathesis checks each answer against them (no 5xx,
+declared status, declared content type, schema); the checks below add what the README promises beyond a
+schema: errors in OpenAI's envelope; a completion's choices, finish reasons and usage; a stream's `data:`
+lines ending in `[DONE]`.
 
 Generation is kept cheap: the model is always the served one (an unknown model is a 404 before anything
 else is looked at, which would hide the rest of the request), and budgets, `n` and the number of prompts
@@ -25,7 +25,9 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402  (hypothesis comes with schemathesis)
 from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance, response_schema_conformance, status_code_conformance,
+)
 
 from tests.conftest import TINY_NAME  # noqa: E402
 from tests.server import Server  # noqa: E402
@@ -217,7 +219,8 @@ def completion_shape(ctx, response, case) -> None:
 def test_openapi_fuzz(case, max_model_len, vocab):
     bound(case, max_model_len, vocab)
     case.call_and_validate(
-        checks=[not_a_server_error, response_schema_conformance, openai_errors, completion_shape],
+        checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+                openai_errors, completion_shape],
         timeout=60,  # a hang is a failure, not a stuck suite
     )
 

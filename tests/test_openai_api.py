@@ -291,8 +291,9 @@ def test_stream_usage_chunk_and_abort(tiny_server):
     last = usage_chunks[-1]
     assert last.choices == [] and last.usage.completion_tokens == 7
     assert last.usage.total_tokens == last.usage.prompt_tokens + 7
-    assert aborted[-2].choices[0].finish_reason == "abort" and len(aborted) < 100
-    assert aborted[-1].usage.completion_tokens >= 3  # what it had generated when aborted
+    assert aborted[-2].choices[0].finish_reason == "abort", aborted[-2:]
+    # What it had generated when aborted: at least the 3 chunks read, far from the ~500 it would have made.
+    assert 3 <= aborted[-1].usage.completion_tokens < 400, aborted[-1].usage
 
 
 # --- 6. inputs and extra endpoints ------------------------------------------------------------------

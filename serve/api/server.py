@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.api import schemas as S
 from serve.api.bridge import Bridge
 from serve.api.protocol import (
     AbortBody, APIError, BodyLimit, ChatCompletionRequest, CompletionRequest, DetokenizeBody, Gate, TokenizeBody,
@@ -103,13 +104,13 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
                                             max_tokens, seeded, f"{rid}-p{p}" if n > 1 else None))
         return reqs
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": S.Status}, 503: {"model": S.Status}})
     async def health() -> JSONResponse:
         if not await bridge.probe(server.health_timeout_s):
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/stats")
+    @app.get("/stats", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **S.ERRORS})
     async def stats() -> JSONResponse:
         """The scheduler's own numbers (running, waiting, KV pool use), asked over the control channel."""
         data = await bridge.ask("stats", timeout_s=2.0)
@@ -117,18 +118,18 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             raise APIError(503, "the scheduler did not answer in time", type="service_unavailable")
         return JSONResponse(data)
 
-    @app.get("/version")
+    @app.get("/version", response_model=S.Version)
     async def get_version() -> dict:
         return {"version": VERSION}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=S.ModelList, responses=S.ERRORS)
     async def models() -> dict:
         return {"object": "list", "data": [{
             "id": model.served_name, "object": "model", "created": created, "owned_by": "serve",
             "max_model_len": model.max_model_len,
         }]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=S.Tokens, responses=S.ERRORS)
     async def tokenize(body: TokenizeBody) -> dict:
         check_model(body.model)
         if (body.prompt is None) == (not body.messages):
@@ -137,7 +138,7 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
         reply = await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, body.prompt, messages, body.add_special_tokens))
         return {"tokens": reply.token_ids, "count": len(reply.token_ids), "max_model_len": model.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=S.Text, responses=S.ERRORS)
     async def detokenize(body: DetokenizeBody) -> dict:
         check_model(body.model)
         reply = await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, token_ids=body.tokens))
@@ -156,7 +157,7 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             raise APIError(reply.status, reply.message, reply.param, reply.code)
         return reply
 
-    @app.post("/abort_request")
+    @app.post("/abort_request", response_model=S.Aborted, responses=S.ERRORS)
     async def abort_request(body: AbortBody) -> dict:
         """Ends a running response (all its choices) with finish_reason "abort", as SGLang's endpoint does."""
         rids = [r for r in list(bridge.live) if r == body.rid or r.startswith(body.rid + "-")]
@@ -164,7 +165,7 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             await bridge.to_tokenizer.send(encode(AbortRequest(r)))
         return {"aborted": len(rids)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses=S.generation(S.ChatCompletion))
     async def chat(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
@@ -179,7 +180,7 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
         reqs = fan_out(rid, body.n, [{"messages": messages}], max_tokens, params)
         return await respond(request, reqs, ChatShape(rid, model.served_name, body.logprobs, body.return_tokens_as_token_ids), body, [])
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses=S.generation(S.Completion))
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         prompts = _prompts(body.prompt)
@@ -272,6 +273,16 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
                 p.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI declares a 422 for every body; our validation errors are 400s (declared above)."""
+        if app.openapi_schema is None:
+            for operation in (op for path in default_openapi()["paths"].values() for op in path.values()):
+                operation.get("responses", {}).pop("422", None)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

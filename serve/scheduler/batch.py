@@ -150,6 +150,8 @@ class Batcher:
             if req.rid == rid:
                 self.waiting.remove(req)
                 self._leader_done(req)
+                if req.group is not None and not any(r.group == req.group for r in self.waiting):
+                    self.groups.pop(req.group, None)  # nobody of its group is left to wait
                 return req
         for req in self.running:
             if req.rid == rid:
