@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class Server:
         self.returncode: int | None = None
 
     def __enter__(self) -> Server:
-        self.logfile = open(f"/tmp/serve-test-{self.port}.log", "w+b")
+        self.logfile = tempfile.TemporaryFile()  # the server's output, gone with the test (read_log shows it)
         # A session of its own, like a server started from a terminal: Ctrl-C can then be sent to its
         # whole process group without reaching pytest.
         self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", *self.args], stdout=self.logfile,
