@@ -236,26 +236,13 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
 
     async def sse(shape: Shape, choices: list[Choice], firsts: list[RequestOutput], streams: list[AsyncIterator],
                   echo: list[str], n: int, include_usage: bool) -> AsyncIterator[str]:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int) -> None:
-            try:
-                out = firsts[i]
-                await queue.put((i, out))
-                while isinstance(out, RequestOutput) and out.finish_reason is None:
-                    out = await anext(streams[i])
-                    await queue.put((i, out))
-            finally:
-                await streams[i].aclose()
-
-        pumps = [asyncio.create_task(pump(i)) for i in range(len(choices))]
+        merged = _merged(firsts, streams)
         try:
             for c in choices:
                 if (head := shape.head(c.index)) is not None:
                     yield f"data: {json.dumps(head)}\n\n"
-            left, first = len(choices), set(range(len(choices)))
-            while left:
-                i, out = await queue.get()
+            first = set(range(len(choices)))
+            async for i, out in merged:
                 if isinstance(out, RequestError):  # failed midway: an error event, as OpenAI streams them
                     yield f"data: {json.dumps(_api_error(out).body())}\n\n"
                     return
@@ -263,15 +250,14 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
                 first.discard(i)
                 if chunk is not None:
                     yield f"data: {json.dumps(chunk)}\n\n"
-                left -= out.finish_reason is not None
             if include_usage:
                 yield f"data: {json.dumps(shape.usage_chunk(choices, n))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            # A client that went away mid-stream lands here too: ending the pumps aborts its requests.
-            for p in pumps:
-                p.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            # A client that went away mid-stream lands here too: closing the streams aborts their requests.
+            await merged.aclose()  # its readers first: a stream cannot be closed while one waits on it
+            for stream in streams:
+                await stream.aclose()
 
     default_openapi = app.openapi
 
@@ -284,6 +270,38 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
 
     app.openapi = openapi
     return app
+
+
+async def _merged(firsts: list[RequestOutput], streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """(choice, output) pairs from every choice's stream as they come, each up to its end or an error.
+    One choice, the common case, is read directly: no task and no queue per token."""
+    if len(streams) == 1:
+        out = firsts[0]
+        yield 0, out
+        while isinstance(out, RequestOutput) and out.finish_reason is None:
+            out = await anext(streams[0])
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        out = firsts[i]
+        await queue.put((i, out))
+        while isinstance(out, RequestOutput) and out.finish_reason is None:
+            out = await anext(streams[i])
+            await queue.put((i, out))
+
+    pumps = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+    try:
+        left = len(streams)
+        while left:
+            i, out = await queue.get()
+            yield i, out
+            left -= not isinstance(out, RequestOutput) or out.finish_reason is not None
+    finally:
+        for p in pumps:
+            p.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 def _api_error(e: RequestError) -> APIError:
