@@ -1,16 +1,22 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.server import Server
 from tests.tiny_model import build_tiny_llama
 
 TINY_NAME = "tiny-llama"
+
+# Every process this session starts inherits this mark, so the leak check below counts our own leftovers
+# and not those of another test run on the same machine.
+SESSION_MARK = ("SERVE_TEST_SESSION", str(os.getpid()))
+os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +41,21 @@ def tiny_server(tiny_model):
         yield server
 
 
+def our_servers() -> list[str]:
+    """The server processes (pid and title) this test session started that are still running."""
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            ours = p.environ().get(SESSION_MARK[0]) == SESSION_MARK[1]
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if ours and p.info["cmdline"] and p.info["cmdline"][0].startswith("serve:"):
+            left.append(f"{p.info['pid']} {p.info['cmdline'][0]}")
+    return left
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
     yield
-    left = subprocess.run(["pgrep", "-f", "serve:(api|tokenizer|scheduler|worker|detokenizer|launcher)"],
-                          capture_output=True, text=True).stdout.split()
+    left = our_servers()
     assert not left, f"server processes left behind by the test suite: {left}"

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from serve.device import cpu_has_native_bf16
-from tests.conftest import TINY_NAME
+from tests.conftest import TINY_NAME, our_servers
 from tests.server import Server, alive
 
 
@@ -64,8 +64,7 @@ def test_child_failing_at_startup_is_named(tmp_path, tiny_model):
     result = launch("--model", str(folder), "--port", port, timeout=120)
     assert result.returncode == 1
     assert "worker-0 failed to start" in result.stderr
-    left = subprocess.run(["pgrep", "-f", "serve:(api|tokenizer|scheduler|worker|detokenizer)"], capture_output=True, text=True)
-    assert left.stdout == ""
+    assert our_servers() == []
 
 
 @pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["SIGTERM", "Ctrl-C"])
@@ -99,8 +98,7 @@ def test_startup_timeout_names_who_was_not_ready(tmp_path, tiny_model):
     result = launch("--config", str(cfg), "--port", str(Server().port))
     assert result.returncode == 1
     assert "timed out after" in result.stderr and "waiting for:" in result.stderr and "worker-0" in result.stderr
-    left = subprocess.run(["pgrep", "-f", "serve:(api|tokenizer|scheduler|worker|detokenizer)"], capture_output=True, text=True)
-    assert left.stdout == ""
+    assert our_servers() == []
 
 
 @pytest.mark.parametrize("flags, dtype", [
