@@ -28,7 +28,7 @@ man me even most made after also did many before must through back years where m
 should because each just those people how too little state good very make world still own see men work long
 get here between both life being under never day same another know while last might us great old year off
 come since against go came right used take three small large place water house city light sea river hand
-night open music story garden field paper money point world friend road tree king stone wind fire""".split()
+night open music story garden field paper money point friend road tree king stone wind fire""".split()
 
 ERRORS_SHOWN = 5
 
@@ -325,8 +325,8 @@ class Sender:
             rec.error = f"timed out after {self.timeout:g} s"
         except httpx.HTTPError as e:
             rec.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        except ValueError as e:  # a chunk that is not JSON
-            rec.error = f"bad stream: {e}"
+        except (ValueError, TypeError, AttributeError) as e:  # a chunk that is not JSON, or not shaped as OpenAI's
+            rec.error = f"bad stream: {type(e).__name__}: {e}"
         except RequestFailed as e:
             rec.error = str(e)
         return rec
@@ -358,7 +358,7 @@ class Sender:
         rec.e2e = time.perf_counter() - sent
         if usage is None and chunks == 0:
             raise RequestFailed("the stream carried neither text nor usage")
-        rec.output_tokens = usage.get("completion_tokens", chunks) if usage else chunks
+        rec.output_tokens = (usage.get("completion_tokens") or chunks) if usage else chunks
         rec.prompt_tokens = usage.get("prompt_tokens") if usage else None
 
 
