@@ -26,19 +26,26 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--no-prefix-cache", action="store_const", const=False, dest="prefix_cache", help="recompute every prompt")
     launch.add_argument("--no-overlap", action="store_const", const=False, dest="overlap", help="plan each step only after the last one ends")
     launch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    launch.add_argument("--log-requests", action="store_const", const=True, help="log a line per finished request")
     launch.add_argument("--api-key", help="require this Bearer key on /v1/* and the other endpoints (not /health); default $SERVE_API_KEY")
     launch.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field, e.g. engine.max_running_requests=8")
+    from serve.bench import load, transports
+
+    load.add_arguments(sub.add_parser("bench", help="load-test an OpenAI-compatible server (ours or another)"))
+    transports.add_arguments(sub.add_parser("bench-zmq", help="ZeroMQ transports and patterns, measured on this machine"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("bench", "bench-zmq"):
+        return args.run(args)
     try:
         config = load_config(args.config)
         apply_overrides(config, {
             "model.path": args.model, "model.served_name": args.served_name, "model.dtype": args.dtype, "model.quantization": args.quantization,
             "server.host": args.host, "server.port": args.port, "engine.tp": args.tp,
-            "engine.kv_pool_tokens": args.kv_pool_tokens, "server.log_level": args.log_level,
+            "engine.kv_pool_tokens": args.kv_pool_tokens, "server.log_level": args.log_level, "server.log_requests": args.log_requests,
             "engine.chunked_prefill_tokens": args.chunked_prefill_tokens, "engine.prefix_cache": args.prefix_cache,
             "engine.overlap": args.overlap, "server.api_key": args.api_key or os.environ.get("SERVE_API_KEY"),
             **parse_settings(args.set),
