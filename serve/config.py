@@ -69,6 +69,8 @@ class ServerConfig:
     health_timeout_s: float = 20.0
     # How long a stop waits for children to exit before killing them.
     shutdown_timeout_s: float = 5.0
+    # One log line per finished request (id, tokens in and out, time to first token, duration, finish reason).
+    log_requests: bool = False
 
 
 @dataclass

@@ -16,6 +16,9 @@ from serve.messages import decode, encode
 
 MAX_MESSAGE_BYTES = 64 << 20
 
+# This process's sockets, as "PUSH connect scheduler": the launcher's start-up banner lists them.
+OPENED: list[str] = []
+
 
 @dataclass(frozen=True)
 class Endpoints:
@@ -94,6 +97,7 @@ def socket(ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool, identity: 
         sock.bind(endpoint)
     else:
         sock.connect(endpoint)
+    OPENED.append(f"{zmq.SocketType(kind).name} {'bind' if bind else 'connect'} {os.path.basename(endpoint)}")
     return sock
 
 

@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 import zmq
 
 from serve.config import Config, ConfigError
-from serve.ipc import Endpoints, make_ipc_dir, recv, send, socket
+from serve.ipc import OPENED, Endpoints, make_ipc_dir, recv, send, socket
 from serve.messages import Ready, StageRestarted, StartupFailed
 from serve.model_files import ModelInfo, resolve_model
 from serve.proc import child_main
@@ -80,6 +80,10 @@ class Launcher:
     def __init__(self, config: Config, model: ModelInfo) -> None:
         self.config, self.model = config, model
         self.eps = Endpoints(make_ipc_dir())
+        # prometheus-client's multiprocess mode: every child inherits this and writes its samples there;
+        # the api's /metrics adds them up (serve/metrics.py).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(self.eps.ipc_dir, "metrics")
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         self.ctx = zmq.Context()
         self.inbox = socket(self.ctx, zmq.PULL, self.eps.launcher, bind=True)
         self.events = socket(self.ctx, zmq.PUB, self.eps.events, bind=True)
@@ -154,10 +158,18 @@ class Launcher:
                 pass
 
     def banner(self) -> str:
-        lines = [f"serve: {self.model.served_name} from {self.model.hf_dir} (context {self.model.max_model_len})"]
+        """Every process with its pid, what it reported, and its ZeroMQ sockets (endpoints are files in the ipc directory)."""
+        e = self.config.engine
+        lines = [f"serve: {self.model.served_name} from {self.model.hf_dir}",
+                 f"  context {self.model.max_model_len} tokens, KV pool {e.kv_pool_tokens} tokens, "
+                 f"up to {e.max_running_requests} running requests, tp {e.tp}"]
+        rows = [("launcher", os.getpid(), {}, OPENED)]
         for c in self.children:
-            info = " ".join(f"{k}={v}" for k, v in (c.ready.info if c.ready else {}).items())
-            lines.append(f"  serve:{c.name:<12} pid {c.process.pid:<7} {info}")
+            info = dict(c.ready.info) if c.ready else {}
+            rows.append((c.name, c.process.pid, info, info.pop("sockets", [])))
+        for name, pid, info, sockets in rows:
+            lines.append(f"  serve:{name:<12} pid {pid:<7} {' '.join(f'{k}={v}' for k, v in info.items())}".rstrip())
+            lines.append(f"{'':<33}zmq: {', '.join(sockets)}")
         lines.append(f"  ipc: {self.eps.ipc_dir}")
         lines.append(f"ready: http://{self.config.server.host}:{self.config.server.port}/v1")
         return "\n".join(lines)

@@ -78,10 +78,17 @@ def gguf_to_hf(path: Path, log=print) -> Path:
         raise ConfigError(f"GGUF architecture {arch!r} in {path} is not supported; supported: {', '.join(_GGUF_ARCHS)}")
     log(f"converting {path.name} to safetensors once (cached in {dest}); this takes about half a minute")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "serve.worker.convert", str(path), str(dest)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"converting {path} failed: {tail}")
+    # transformers' own progress bars pass through to our stderr; the last lines name a failure.
+    proc = subprocess.Popen([sys.executable, "-m", "serve.worker.convert", str(path), str(dest)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    tail = b""
+    for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-4096:]
+    if proc.wait() != 0:
+        last = (tail.decode(errors="replace").replace("\r", "\n").strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"converting {path} failed: {last}")
     return dest
 
 

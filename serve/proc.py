@@ -72,9 +72,10 @@ class Reporter:
         sock.close()
 
     def ready(self, **info: Any) -> None:
+        from serve.ipc import OPENED
         from serve.messages import Ready
 
-        self._send(Ready(self.name, os.getpid(), info))
+        self._send(Ready(self.name, os.getpid(), {**info, "sockets": list(OPENED)}))
         self.sent_ready = True
 
     def failed(self, error: str) -> None:

@@ -37,7 +37,8 @@ def long_model(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model):
-    with Server("--model", str(tiny_model), "--served-name", TINY_NAME, "--dtype", "float32", "--kv-pool-tokens", "4096") as server:
+    with Server("--model", str(tiny_model), "--served-name", TINY_NAME, "--dtype", "float32", "--kv-pool-tokens", "4096",
+                "--log-requests") as server:
         yield server
 
 

@@ -16,6 +16,7 @@ from typing import AsyncIterator
 import zmq
 import zmq.asyncio
 
+from serve import metrics
 from serve.ipc import Endpoints, socket
 from serve.messages import (
     AbortRequest, ControlReply, ControlRequest, GenerateRequest, OutputBatch, Probe, RequestError, RequestOutput,
@@ -25,9 +26,60 @@ from serve.messages import (
 log = logging.getLogger("serve.api")
 
 
+class RequestMetrics:
+    """This api process's request metrics, made up front so /metrics lists them (at 0) from the start."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.ttft, self.itl, self.e2e = (h.labels(model_name) for h in (metrics.TTFT, metrics.ITL, metrics.E2E))
+        self.prompt_tokens = metrics.PROMPT_TOKENS.labels(model_name)
+        self.generation_tokens = metrics.GENERATION_TOKENS.labels(model_name)
+        for reason in ("stop", "length", "abort"):
+            self.success(reason)
+
+    def success(self, reason: str):
+        return metrics.SUCCESS.labels(self.model_name, reason)
+
+
+class Trace:
+    """One request as the api sees it: feeds the request metrics and the --log-requests line."""
+
+    def __init__(self, rid: str, m: RequestMetrics) -> None:
+        self.rid, self.m = rid, m
+        self.start = self.last = time.monotonic()
+        self.ttft: float | None = None
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def output(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        n = len(out.token_ids)
+        if n:
+            if self.ttft is None:
+                self.ttft = now - self.start
+                self.m.ttft.observe(self.ttft)
+                self.m.prompt_tokens.inc(out.prompt_tokens)
+            else:
+                for _ in range(n):  # several tokens in one output (a stop string held back) share its gap
+                    self.m.itl.observe((now - self.last) / n)
+            self.m.generation_tokens.inc(n)
+            self.last = now
+        self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+
+    def end(self, reason: str, log_it: bool) -> None:
+        duration = time.monotonic() - self.start
+        self.m.e2e.observe(duration)
+        self.m.success(reason).inc()
+        if log_it:
+            ttft = f"{self.ttft * 1000:.0f}ms" if self.ttft is not None else "-"
+            log.info("request %s: %d prompt + %d completion tokens, first token %s, %.0fms, %s", self.rid,
+                     self.prompt_tokens, self.completion_tokens, ttft, duration * 1000, reason)
+
+
 class Bridge:
-    def __init__(self, eps: Endpoints) -> None:
+    def __init__(self, eps: Endpoints, model_name: str = "", log_requests: bool = False) -> None:
         self.eps = eps
+        self.metrics, self.log_requests = RequestMetrics(model_name), log_requests
+        self.hop = metrics.Hop("detokenizer->api", model_name)
         self.identity = f"api-{os.getpid()}".encode()
         self.ctx = zmq.asyncio.Context.instance()
         self.to_tokenizer = socket(self.ctx, zmq.DEALER, eps.tokenizer, bind=False, identity=self.identity)
@@ -44,8 +96,10 @@ class Bridge:
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
+            idle_since = time.monotonic_ns()
             msg = decode(await sock.recv())
             if isinstance(msg, OutputBatch):
+                self.hop.observe(msg.sent_ns, idle_since)
                 for out in msg.outputs:
                     q = self.queues.get(out.rid)
                     if q is not None:  # else: aborted here already; late outputs are dropped quietly
@@ -66,21 +120,29 @@ class Bridge:
         q: asyncio.Queue = asyncio.Queue()
         self.queues[req.rid] = q
         self.live.add(req.rid)
-        finished = False
+        trace = Trace(req.rid, self.metrics)
+        finished = None  # the finish reason; an error or an overload is no finished request
         try:
             req.sent_ns = time.monotonic_ns()
             await self.to_tokenizer.send(encode(req))
             while True:
                 item = await q.get()
+                if isinstance(item, RequestOutput):
+                    trace.output(item)
+                    finished = item.finish_reason
+                else:
+                    finished = "error"
+                # Decided before yielding: a consumer may close us right after taking the last item.
                 yield item
-                if isinstance(item, RequestError) or item.finish_reason is not None:
-                    finished = True
+                if finished is not None:
                     return
         finally:
             self.queues.pop(req.rid, None)
             self.live.discard(req.rid)
-            if not finished:
+            if finished is None:
                 await self.to_tokenizer.send(encode(AbortRequest(req.rid)))
+            if finished not in ("error", "overloaded"):
+                trace.end(finished or "abort", self.log_requests)
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeReply | RequestError:
         return await self._round_trip(req.rid, req)

@@ -26,7 +26,7 @@ class _Server(uvicorn.Server):
 
 
 async def _serve(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -> None:
-    bridge = Bridge(eps)
+    bridge = Bridge(eps, model.served_name, config.server.log_requests)
     bridge.start()
     app = create_app(bridge, model, config.server)
     server = _Server(uvicorn.Config(

@@ -101,10 +101,11 @@ class BodyLimit:
 class Gate:
     """ASGI middleware in front of everything: the API key, and a draining server's 503.
 
-    /health and /version stay open (probes carry no key); so do the OpenAPI schema and docs.
+    /health and /version stay open (probes carry no key); so do the OpenAPI schema and docs, the web
+    page (which asks for the key itself) and /metrics (as in vLLM and SGLang: scrapers carry no key).
     """
 
-    OPEN = {"/health", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+    OPEN = {"/health", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/", "/metrics"}
 
     def __init__(self, app, api_key: str, draining: Callable[[], bool]) -> None:
         self.app, self.draining = app, draining

@@ -13,15 +13,19 @@ import json
 import time
 import uuid
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve import metrics
 from serve.api import schemas as S
 from serve.api.bridge import Bridge
+from serve.api.pipeline import Processes
+from serve.api.pipeline import snapshot as pipeline_snapshot
 from serve.api.protocol import (
     AbortBody, APIError, BodyLimit, ChatCompletionRequest, CompletionRequest, DetokenizeBody, Gate, TokenizeBody,
     api_error_handler, http_error_handler, internal_error_handler, validation_error_handler,
@@ -39,6 +43,7 @@ except PackageNotFoundError:
     VERSION = "0.0.0"
 
 Shape = ChatShape | CompletionShape
+STATIC = Path(__file__).parent / "static"
 
 
 class Drain:
@@ -72,6 +77,7 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
     app.add_middleware(BodyLimit, max_bytes=int(server.max_body_mb * 2**20))
     app.add_middleware(Gate, api_key=server.api_key, draining=lambda: drain.active)
     created = int(time.time())
+    started = time.time()
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model.served_name:
@@ -117,6 +123,24 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
         if data is None:
             raise APIError(503, "the scheduler did not answer in time", type="service_unavailable")
         return JSONResponse(data)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def get_metrics() -> Response:
+        """Prometheus exposition of every process's samples (serve/metrics.py)."""
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    processes = Processes()
+
+    @app.get("/pipeline", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **S.ERRORS})
+    async def get_pipeline() -> JSONResponse:
+        """What the web page's pipeline view shows: processes, queues, token counts, ZeroMQ hop latencies."""
+        return JSONResponse(await pipeline_snapshot(bridge, processes, model.served_name, started))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        """The web page: a chat playground and the live pipeline view (plain HTML and JS, no build step)."""
+        return HTMLResponse((STATIC / "index.html").read_text())
 
     @app.get("/version", response_model=S.Version)
     async def get_version() -> dict:

@@ -7,6 +7,7 @@ Logprobs are turned into token text here too, since this is the process that has
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 
 import zmq
@@ -14,6 +15,7 @@ import zmq
 from serve.config import Config
 from serve.ipc import Endpoints, recv, socket
 from serve.messages import Logprobs, OutputBatch, Probe, RequestOutput, TextLogprobs, TokenBatch, encode
+from serve.metrics import Hop
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
 from serve.stops import TextStream
@@ -58,8 +60,10 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
     ctx = zmq.Context.instance()
     inbox = socket(ctx, zmq.PULL, eps.detokenizer, bind=True)
     apis = socket(ctx, zmq.ROUTER, eps.outputs, bind=True)
+    hop = Hop("scheduler->detokenizer", model.served_name)
     reporter.ready()
     while True:
+        idle_since = time.monotonic_ns()
         batch = recv(inbox)
         if isinstance(batch, Probe):
             try:
@@ -69,6 +73,7 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
             continue
         if not isinstance(batch, TokenBatch):
             continue
+        hop.observe(batch.sent_ns, idle_since)
         per_api: dict[bytes, list[RequestOutput]] = defaultdict(list)
         for i, rid in enumerate(batch.rids):
             reason = batch.finish_reasons[i]
@@ -86,6 +91,6 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
             ))
         for api_id, outputs in per_api.items():
             try:
-                apis.send_multipart([api_id, encode(OutputBatch(outputs, batch.sent_ns))])
+                apis.send_multipart([api_id, encode(OutputBatch(outputs, time.monotonic_ns()))])
             except zmq.ZMQError:  # that api process is gone (ROUTER_MANDATORY): nobody to tell
                 log.warning("api %s unreachable; dropped %d outputs", api_id, len(outputs))

@@ -21,6 +21,7 @@ the token they sampled last for that row. The planner never preempts with a step
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ class Req:
     group: str | None = None  # n samples of one prompt: the first prefills it, the others reuse its cache
     text: TextStream | None = None  # its output as text, when it has stop strings
     prompt_lp: Logprobs | None = None  # prompt logprobs gathered so far, when asked for
+    queued_at: float = field(default_factory=time.monotonic)  # until its first admission; then 0
 
     @property
     def tokens(self) -> list[int]:
@@ -104,6 +106,8 @@ class Batcher:
         self.preemptions = 0
         self.decode = decode  # for stop strings
         self.groups: dict[str, Req | None] = {}  # group -> its leader while that prefills, None once cached
+        self.cache_lookups = 0  # prompt tokens looked up in the prefix cache (cache.hits of them found)
+        self.queue_times: list[float] = []  # seconds each newly admitted request waited; the scheduler takes them
 
     # --- slots ---------------------------------------------------------------------------------
 
@@ -195,9 +199,13 @@ class Batcher:
                 return None
             req.slots, req.node, req.cached_tokens = list(slots), node, len(slots)
             self.cache.hits += len(slots)
+            self.cache_lookups += len(req.tokens) - 1
         elif req.todo > self.available() - reserve or (not self.chunked and req.todo > budget):
             return None
         self.waiting.popleft()
+        if req.queued_at:
+            self.queue_times.append(time.monotonic() - req.queued_at)
+            req.queued_at = 0.0
         req.row, req.fresh = self.pool.rows.take(1)[0], True
         self.running.append(req)
         return req

@@ -14,6 +14,7 @@ from collections import deque
 
 import zmq
 
+from serve import metrics
 from serve.config import Config
 from serve.ipc import Endpoints, drain, send, socket
 from serve.messages import (
@@ -55,6 +56,12 @@ class Scheduler:
         self.steps = 0
         self.aborted = 0
         self.news: list[Finished] = []  # for the detokenizer, sent once per loop turn
+        name = model.served_name
+        self.from_tokenizer, self.from_rank0 = metrics.Hop("tokenizer->scheduler", name), metrics.Hop("rank0->scheduler", name)
+        self.queue_time = metrics.QUEUE.labels(name)
+        self.gauges = [g.labels(name) for g in (metrics.RUNNING, metrics.WAITING, metrics.KV_USAGE, metrics.PREFIX_HIT)]
+        self.shown: tuple = ()
+        self._show()
 
     def wait_for_workers(self) -> None:
         """Publish Hello until every rank has answered: a SUB that joins late misses what was sent before."""
@@ -76,13 +83,17 @@ class Scheduler:
         while True:
             # Only a turn that just planned may have more to plan; otherwise wait for news.
             busy = planned and len(self.inflight) < self.depth
+            idle_since = time.monotonic_ns()
             ready = dict(poller.poll(0 if busy else None))
             if self.results in ready:
                 for msg in drain(self.results):
                     if isinstance(msg, StepResult):
+                        self.from_rank0.observe(msg.sent_ns, idle_since)
                         self._on_result(msg)
             if self.requests in ready:
                 for msg in drain(self.requests):
+                    if isinstance(msg, TokenizedRequest):
+                        self.from_tokenizer.observe(msg.sent_ns, idle_since)
                     self._on_request(msg)
             if self.control in ready:
                 self._on_control(decode(self.control.recv()))
@@ -102,6 +113,21 @@ class Scheduler:
             # One message per turn, in order, so a token never trails its request's abort.
             self._emit(self.news)
             self.news = []
+            self._show()
+
+    def _show(self) -> None:
+        """The gauges and queue times of /metrics; written only when they change (an mmap write each)."""
+        for seconds in self.batcher.queue_times:
+            self.queue_time.observe(seconds)
+        self.batcher.queue_times.clear()
+        b = self.batcher
+        hits = b.cache.hits if b.cache else 0
+        now = (len(b.running), len(b.waiting), b.pool.slots.used - (b.cache.evictable if b.cache else 0), hits, b.cache_lookups)
+        if now != self.shown:
+            self.shown = now
+            running, waiting, used, hits, lookups = now
+            for gauge, value in zip(self.gauges, (running, waiting, used / b.pool.slots.capacity, hits / max(1, lookups))):
+                gauge.set(value)
 
     def _on_request(self, msg: object) -> None:
         if isinstance(msg, TokenizedRequest):

@@ -4,6 +4,7 @@ forwards them to the scheduler. A request that cannot be served goes back to its
 from __future__ import annotations
 
 import logging
+import time
 
 import zmq
 
@@ -12,6 +13,7 @@ from serve.ipc import Endpoints, send, socket
 from serve.messages import (
     AbortRequest, GenerateRequest, Probe, RequestError, TokenizedRequest, TokenizeReply, TokenizeRequest, decode, encode,
 )
+from serve.metrics import Hop
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
 from serve.text import ChatTemplateError, TextTokenizer
@@ -97,8 +99,10 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
     ctx = zmq.Context.instance()
     front = socket(ctx, zmq.ROUTER, eps.tokenizer, bind=True)
     to_scheduler = socket(ctx, zmq.PUSH, eps.scheduler, bind=False)
+    hop = Hop("api->tokenizer", model.served_name)
     reporter.ready()
     while True:
+        idle_since = time.monotonic_ns()
         api_id, payload = front.recv_multipart()
         msg = decode(payload)
         if isinstance(msg, AbortRequest):
@@ -111,6 +115,8 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
             if isinstance(msg, TokenizeRequest):
                 front.send_multipart([api_id, encode(tokenize.answer(msg))])
             elif isinstance(msg, GenerateRequest):
-                send(to_scheduler, TokenizedRequest(msg.rid, api_id, tokenize(msg), msg.sampling, msg.group, msg.sent_ns))
+                hop.observe(msg.sent_ns, idle_since)
+                ids = tokenize(msg)
+                send(to_scheduler, TokenizedRequest(msg.rid, api_id, ids, msg.sampling, msg.group, time.monotonic_ns()))
         except Invalid as e:
             front.send_multipart([api_id, encode(RequestError(msg.rid, 400, str(e), e.param, e.code))])

@@ -12,6 +12,7 @@ import zmq
 from serve.config import Config
 from serve.ipc import Endpoints, recv, send, socket
 from serve.messages import Hello, HelloAck, Shutdown, StepPlan, StepResult
+from serve.metrics import Hop
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
 
@@ -33,7 +34,14 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     if tp > 1:
         dist.init_process_group(placement.backend, init_method=eps.dist_init, rank=rank, world_size=tp)
     started = time.monotonic()
-    model = Model(model_info.hf_dir, rank, tp, placement.dtype, placement.device, config.model.quantization)
+
+    def progress(done: int, total: int) -> None:  # rank 0 speaks for all: they load in step
+        if rank == 0 and (done * 4 // total > (done - 1) * 4 // total):
+            log.info("loading %s: %d/%d layers (%.1fs)", os.path.basename(model_info.hf_dir), done, total, time.monotonic() - started)
+
+    if rank == 0:
+        log.info("loading %s (%s, %s)", model_info.hf_dir, str(placement.dtype).removeprefix("torch."), placement.device)
+    model = Model(model_info.hf_dir, rank, tp, placement.dtype, placement.device, config.model.quantization, progress)
     engine = Engine(model, config.engine.kv_pool_tokens, config.engine.max_running_requests, model_info.max_model_len,
                     model_info.eos_token_ids)
     load_s = time.monotonic() - started
@@ -45,9 +53,12 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
         device=str(placement.device), dtype=str(placement.dtype).removeprefix("torch."), quantization=config.model.quantization, threads=threads,
         load_s=round(load_s, 1), kv_mb=engine.kv_bytes() // 2**20,
     )
+    hop = Hop("scheduler->workers", model_info.served_name)
     while True:
+        idle_since = time.monotonic_ns()
         msg = recv(plans)
         if isinstance(msg, StepPlan):
+            hop.observe(msg.sent_ns, idle_since)
             tokens, logprobs, prompt_logprobs = engine.step(msg)
             if rank == 0:
                 send(results, StepResult(msg.step, tokens, logprobs, prompt_logprobs, time.monotonic_ns()))

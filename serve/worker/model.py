@@ -16,6 +16,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -268,7 +269,7 @@ class Layer:
 
 class Model:
     def __init__(self, folder: str | Path, rank: int, tp: int, dtype: torch.dtype, device: torch.device,
-                 quantization: str = "none") -> None:
+                 quantization: str = "none", progress: Callable[[int, int], None] | None = None) -> None:
         self.args = args = ModelArgs.from_folder(folder)
         if args.num_kv_heads < tp or args.num_heads % args.num_kv_heads:
             raise ValueError(f"cannot split {args.num_kv_heads} kv heads / {args.num_heads} query heads over {tp} ranks")
@@ -277,7 +278,11 @@ class Model:
         w = Weights(folder, dtype, device)
         self.embed = w.get("model.embed_tokens.weight")
         linear = Int8Linear if quantization == "int8" else Linear
-        self.layers = [Layer(w, args, shard, i, linear) for i in range(args.num_layers)]
+        self.layers = []
+        for i in range(args.num_layers):
+            self.layers.append(Layer(w, args, shard, i, linear))
+            if progress is not None:
+                progress(i + 1, args.num_layers)
         self.norm = w.get("model.norm.weight")
         head = "model.embed_tokens.weight" if args.tie_word_embeddings or not w.has("lm_head.weight") else "lm_head.weight"
         self.lm_head = linear(w.get(head, rows=shard.vocab))
