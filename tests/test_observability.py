@@ -82,8 +82,11 @@ def test_gauges_follow_a_running_request_and_fall_back(tiny_server):
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
-        running = scrape(tiny_server)
-    assert running[("serve:num_requests_running", ())] == 1
+        deadline = time.monotonic() + 3  # the scheduler writes its gauges at the end of its loop turn
+        while (running := scrape(tiny_server))[("serve:num_requests_running", ())] != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = httpx.get(f"{tiny_server.url}/stats").json()
+    assert running[("serve:num_requests_running", ())] == 1, stats
     assert 0 < running[("serve:kv_cache_usage_perc", ())] <= 1
     deadline = time.monotonic() + 10  # the stream was closed: the request is aborted and freed
     while (idle := scrape(tiny_server))[("serve:num_requests_running", ())] != 0:
