@@ -1,8 +1,8 @@
 """Benchmark: the engine alone, then the same engine served through the whole ZeroMQ pipeline.
 
 1. Engine-only decode step time at batch 1/8/32: one in-process Engine, no ZeroMQ, no HTTP.
-2. Served: a launched server, N concurrent streaming clients (1/8/32) over HTTP: TTFT, inter-token
-   latency (ITL), output tokens/s.
+2. Served: a launched server, N concurrent streaming clients over HTTP, driven by `serve bench`
+   (serve/bench/load.py): TTFT, inter-token latency (ITL), output tokens/s.
 3. The control plane's cost: served ITL / engine step at concurrency 1 and 8, with the scheduler's
    overlap on (the next plan waits in the workers' queue while a step runs) and off.
 Optionally (--hf) HF transformers' own decode loop on the same weights and dtype, for comparison.
@@ -13,11 +13,13 @@ Prints a markdown table and saves everything as JSON (bench/results/).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +27,8 @@ from client import CONFIG, ROOT, model_dir
 
 from tests.server import Server  # the same launcher wrapper the tests use
 
-PROMPT_TOKENS = 64
+PROMPT_TOKENS = 64  # engine-only runs
+SERVED_PROMPT_TOKENS = 20  # served runs: prompts of this many tokens, from `serve bench`
 
 def load_engine_model(folder: str, dtype_name: str, quantization: str):
     from serve.device import place
@@ -69,7 +72,7 @@ def control_plane_cost(model, url: str, batch: int, steps: int, max_tokens: int,
     engine, served = [], []
     for _ in range(turns):
         engine.append(engine_step_ms(model, batch, steps, repeats=1))
-        served.append(asyncio.run(served_round(url, "SmolLM2-135M-Instruct", batch, 1 if batch > 1 else 2, max_tokens))["itl_ms_p50"])
+        served.append(served_round(url, batch, batch if batch > 1 else 2, max_tokens)["itl_ms_p50"])
     e, s = statistics.median(engine), statistics.median(served)
     return {"engine_step_ms": round(e, 2), "served_itl_ms": round(s, 2), "ratio": round(s / e, 3),
             "engine_runs_ms": [round(x, 2) for x in engine], "served_runs_ms": served}
@@ -98,48 +101,23 @@ def hf_steps(folder: str, dtype_name: str, batches: list[int], steps: int) -> di
     return results
 
 
-async def one_request(client, name: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
-    started = time.perf_counter()
-    stamps = []
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        async for line in r.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                if json.loads(line[6:])["choices"][0]["text"]:
-                    stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft": stamps[0] - started, "itl": statistics.mean(gaps) if gaps else 0.0, "tokens": max_tokens,
-            "end": stamps[-1]}
-
-
-async def served_round(url: str, name: str, concurrency: int, requests_per_client: int, max_tokens: int) -> dict:
-    import httpx
-
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one_request(client, name, "warm up", 4)
-
-        async def worker(i: int) -> list[dict]:
-            out = []
-            for j in range(requests_per_client):
-                prompt = f"Request {i}.{j}: tell me a long story about a lighthouse keeper and the sea."  # ~20 tokens
-                out.append(await one_request(client, name, prompt, max_tokens))
-            return out
-
-        started = time.perf_counter()
-        rows = [r for rs in await asyncio.gather(*(worker(i) for i in range(concurrency))) for r in rs]
-        wall = time.perf_counter() - started
-    ttft = sorted(r["ttft"] for r in rows)
-    itl = sorted(r["itl"] for r in rows)
+def served_round(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    """One `serve bench` run (the CLI users run): ~20-token prompts, `max_tokens` each with ignore_eos."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        subprocess.run([sys.executable, "-m", "serve.cli", "bench", "--base-url", url, "--concurrency", str(concurrency),
+                        "--num-prompts", str(requests), "--input-len", str(SERVED_PROMPT_TOKENS), "--output-len", str(max_tokens),
+                        "--ignore-eos", "--temperature", "0", "--warmup", "1", "--no-progress", "--json", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        s = json.loads(out.read_text())["summary"]
+    assert s["failed"] == 0, s["errors"]
     return {
-        "requests": len(rows),
-        "ttft_ms_p50": round(statistics.median(ttft) * 1000, 1),
-        "ttft_ms_p90": round(ttft[int(0.9 * (len(ttft) - 1))] * 1000, 1),
-        "itl_ms_p50": round(statistics.median(itl) * 1000, 2),
-        "itl_ms_p90": round(itl[int(0.9 * (len(itl) - 1))] * 1000, 2),
-        "output_tokens_per_s": round(sum(r["tokens"] for r in rows) / wall, 1),
+        "requests": s["completed"],
+        "ttft_ms_p50": s["ttft_ms"]["p50"], "ttft_ms_p90": s["ttft_ms"]["p90"],
+        "itl_ms_p50": s["itl_ms"]["p50"], "itl_ms_p90": s["itl_ms"]["p90"],
+        "output_tokens_per_s": s["output_throughput"],
         # Steady-state decode rate, prefill excluded: what HF's batch-N decode loop is compared with.
-        "decode_tokens_per_s": round(concurrency / statistics.median(itl), 1),
+        "decode_tokens_per_s": round(concurrency * 1000 / s["itl_ms"]["p50"], 1),
     }
 
 
@@ -168,8 +146,7 @@ def main() -> None:
     report["overlap"] = {"on": {}, "off": {}}
     with Server(*flags) as server:
         for c in levels:
-            rounds = 4 if c == 1 else 2
-            res = asyncio.run(served_round(server.url, "SmolLM2-135M-Instruct", c, rounds, args.max_tokens))
+            res = served_round(server.url, c, 4 if c == 1 else 2 * c, args.max_tokens)
             report["served"][str(c)] = res
             print(f"served  conc. {c:>2}: {res}", flush=True)
         for c in (1, 8):
