@@ -102,7 +102,12 @@ class Bridge:
                 self.hop.observe(msg.sent_ns, idle_since)
                 for out in msg.outputs:
                     q = self.queues.get(out.rid)
-                    if q is not None:  # else: aborted here already; late outputs are dropped quietly
+                    if q is None:  # aborted here already; late outputs are dropped quietly
+                        continue
+                    if out.finish_reason == "restarted":  # freed by the scheduler after a stage restart
+                        q.put_nowait(RequestError(out.rid, 503, "a stage of the pipeline restarted while this request "
+                                                  "was running; send it again", code="stage_restarted"))
+                    else:
                         q.put_nowait(out)
             elif isinstance(msg, StageRestarted):
                 # Any request in flight may have lost a message in the dead stage: fail them all now.

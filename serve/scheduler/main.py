@@ -143,16 +143,21 @@ class Scheduler:
             if not self.inflight or time.monotonic_ns() - self.inflight[0].plan.sent_ns < self.health_timeout_ns:
                 send(self.outputs, msg)
         elif isinstance(msg, AbortRequest):
-            req = self.batcher.abort(msg.rid)
-            if req is not None:
-                self.aborted += 1
-                self.news.append(Finished(req, -1, "abort", sum(1 for t in req.output_ids if t != PENDING)))
+            self._abort(msg.rid, "abort")
+
+    def _abort(self, rid: str, reason: str) -> None:
+        req = self.batcher.abort(rid)
+        if req is not None:
+            self.aborted += 1
+            self.news.append(Finished(req, -1, reason, sum(1 for t in req.output_ids if t != PENDING)))
 
     def _abort_all(self, stage: str) -> None:
-        """A restarted stage may have lost any request's message: the api fails them all, and we free them."""
+        """A restarted stage may have lost any request's message: the api fails them all, and we free them.
+        Their last output says "restarted", so the api fails them the same way if it hears from us before it
+        hears from the launcher."""
         reqs = list(self.batcher.waiting) + list(self.batcher.running)
         for req in reqs:
-            self._on_request(AbortRequest(req.rid))
+            self._abort(req.rid, "restarted")
         log.warning("the %s restarted: dropped %d requests in flight", stage, len(reqs))
 
     def _on_result(self, msg: StepResult) -> None:
