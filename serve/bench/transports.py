@@ -496,11 +496,11 @@ def plot(rows: list[Row], path: str) -> None:
         picked = [by_group[key] for key in groups if key in by_group]
         lat.barh(ys, [r.rtt_p50_us for r in picked], height, label=f"{size} B")
         thr.barh(ys, [r.msgs_per_s for r in picked], height, label=f"{size} B")
-    label = "seed's latency claim"
+    label = "seed's latency claim (direction unstated)"
     for transport, (lo, hi) in SEED_LATENCY_US.items():
         ys = [g for g, key in enumerate(groups) if key[0] == transport]
         if ys:
-            lat.fill_betweenx([min(ys) - 0.1, max(ys) + 0.9], lo, hi, color="grey", alpha=0.25, lw=0, label=label)
+            lat.fill_betweenx([min(ys) - 0.1, max(ys) + 0.9], lo, hi, color="grey", alpha=0.3, lw=0, zorder=0, label=label)
             label = None
     thr.axvline(1e6, color="grey", ls="--", label="seed: millions/s")
     lat.set_yticks([g + 0.4 - height / 2 for g in range(len(groups))], [f"{t} {p}" for t, p in groups])
