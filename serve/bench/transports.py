@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
     p.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS), help="ZeroMQ patterns (mp-queue has one)")
     p.add_argument("--round-trips", type=_count, help="timed round trips per case (default 10,000; --quick 300)")
-    p.add_argument("--messages", type=_count, help="messages per throughput run (default 200,000 of 64 B and 50,000 of 4 KiB)")
+    p.add_argument("--messages", type=_count, help="messages per throughput run (default 200,000 of 64 B and 50,000 of 4 KiB; --quick 20,000 and 5,000)")
     p.add_argument("--json", metavar="FILE", help="write the machine, counts and rows as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart (needs matplotlib)")
     p.set_defaults(run=run)
@@ -82,7 +82,7 @@ def _count(text: str) -> int:
 
 def counts(args: argparse.Namespace, size: int) -> Counts:
     if args.quick:
-        default = Counts(50, 300, 3_000 if size < 1024 else 1_000)
+        default = Counts(50, 300, 20_000 if size < 1024 else 5_000)
     else:
         default = Counts(1_000, 10_000, 200_000 if size < 1024 else 50_000)
     return Counts(default.warmup, args.round_trips or default.round_trips, args.messages or default.messages)
@@ -475,7 +475,7 @@ def table(rows: list[Row]) -> str:
         "Python on both ends (pyzmq). inproc: peer is a thread of the same process (the GIL is in the loop);",
         "ipc, tcp, mp-queue: peer is another process. RTT/2 is the one-way latency the round trip implies.",
         "* req-rep is lockstep: its msgs/s are round trips per second. MB = 10^6 bytes.",
-        f"{m['cpu']}, {m['nproc']} CPUs, Python {m['python']}, pyzmq {m['pyzmq']}, libzmq {m['libzmq']}",
+        f"{m['cpu']}, nproc {m['nproc']}, Python {m['python']}, pyzmq {m['pyzmq']}, libzmq {m['libzmq']}",
     ]
     return "\n".join(lines)
 
@@ -502,16 +502,17 @@ def plot(rows: list[Row], path: str) -> None:
         if ys:
             lat.fill_betweenx([min(ys) - 0.1, max(ys) + 0.9], lo, hi, color="grey", alpha=0.3, lw=0, zorder=0, label=label)
             label = None
-    thr.axvline(1e6, color="grey", ls="--", label="seed: millions/s")
+    millions = thr.axvline(1e6, color="grey", ls="--")
     lat.set_yticks([g + 0.4 - height / 2 for g in range(len(groups))], [f"{t} {p}" for t, p in groups])
     lat.invert_yaxis()
     lat.set_xscale("log")
     thr.set_xscale("log")
     lat.set_xlabel("round trip p50 (µs, log)")
     thr.set_xlabel("one-way messages/s (log; req-rep: lockstep round trips/s)")
-    lat.legend(fontsize=8)
-    thr.legend(fontsize=8)
-    fig.suptitle("serve bench-zmq: " + "{cpu}, {nproc} CPUs, pyzmq {pyzmq}, libzmq {libzmq}".format(**machine()), fontsize=9)
-    fig.tight_layout()
+    handles, labels = lat.get_legend_handles_labels()
+    fig.legend(handles + [millions], labels + ["seed: millions of messages/s"],
+               loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle("serve bench-zmq: " + "{cpu}, nproc {nproc}, pyzmq {pyzmq}, libzmq {libzmq}".format(**machine()), fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
