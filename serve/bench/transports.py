@@ -65,10 +65,10 @@ class Row:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small counts: a few seconds, rough figures")
-    p.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
+    p.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS), help="mp-queue: the multiprocessing.Queue baseline")
     p.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS), help="ZeroMQ patterns (mp-queue has one)")
     p.add_argument("--round-trips", type=_count, help="timed round trips per case (default 10,000; --quick 300)")
-    p.add_argument("--messages", type=_count, help="messages per throughput run (default 200,000 of 64 B and 50,000 of 4 KiB; --quick 20,000 and 5,000)")
+    p.add_argument("--messages", type=_count, help="messages per throughput run, both sizes (default 200,000 of 64 B and 50,000 of 4 KiB; --quick 20,000 and 5,000)")
     p.add_argument("--json", metavar="FILE", help="write the machine, counts and rows as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart (needs matplotlib)")
     p.set_defaults(run=run)
