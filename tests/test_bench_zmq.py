@@ -8,9 +8,12 @@ import math
 import os
 import signal
 import struct
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -18,6 +21,10 @@ import pytest
 ZMQ_ROWS = {(t, p, s) for t in ("inproc", "ipc", "tcp") for p in ("req-rep", "dealer-router", "push-pull", "pub-sub") for s in (64, 4096)}
 ALL_ROWS = ZMQ_ROWS | {("mp-queue", "queue", 64), ("mp-queue", "queue", 4096)}
 PEER_TITLE = "serve:bench-zmq-peer"
+
+
+def ipc_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("serve-bench-zmq-*"))
 
 
 def bench(*args: str, **kwargs) -> psutil.Popen:
@@ -97,6 +104,7 @@ def test_filters_pick_rows():
 @pytest.mark.parametrize("how", ["ctrl-c", "kill"])
 def test_no_peer_outlives_an_interrupted_run(how):
     # The full counts run for many seconds: the run is still measuring when it is stopped.
+    dirs_before = ipc_dirs()
     proc = bench("--transports", "ipc", "mp-queue", start_new_session=True)
     try:
         children, peers = watch_children(proc, timeout=30, until_a_peer=True)
@@ -113,6 +121,10 @@ def test_no_peer_outlives_an_interrupted_run(how):
     finally:
         if proc.poll() is None:
             proc.kill()
+    left = ipc_dirs() - dirs_before
     if how == "ctrl-c":
         assert proc.returncode == 130, err
         assert "interrupted" in err and "Traceback" not in err
+        assert not left, "the ipc directory was left behind"
+    for folder in left:  # a killed run cannot remove its own
+        shutil.rmtree(folder, ignore_errors=True)
