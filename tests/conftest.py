@@ -35,8 +35,10 @@ def long_model(tiny_model, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_server(tiny_model):
+    """One server for every module that only talks to it (tests that stop or break a server start their own);
+    tests compare counters before and after, never with absolute values."""
     with Server("--model", str(tiny_model), "--served-name", TINY_NAME, "--dtype", "float32", "--kv-pool-tokens", "4096",
                 "--log-requests") as server:
         yield server

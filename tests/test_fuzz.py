@@ -30,7 +30,6 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 
 from tests.conftest import TINY_NAME  # noqa: E402
-from tests.server import Server  # noqa: E402
 
 MAX_EXAMPLES = 50  # random valid bodies per operation
 MAX_TOKENS = 8  # a generated budget above this (but inside the context) is cut to it
@@ -40,9 +39,8 @@ GENERATE = {"/v1/completions", "/v1/chat/completions"}
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_model):
-    with Server("--model", str(tiny_model), "--served-name", TINY_NAME, "--dtype", "float32") as server:
-        yield server
+def fuzz_server(tiny_server):
+    return tiny_server  # the shared one: whatever the fuzzer sends must not harm the requests after it
 
 
 @pytest.fixture(scope="module")
