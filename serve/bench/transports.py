@@ -145,16 +145,20 @@ def _socket(ctx: Any, kind: int) -> Any:
     import zmq
 
     s = ctx.socket(kind)
-    s.linger = 0
-    s.rcvtimeo = s.sndtimeo = int(TIMEOUT_S * 1000)
-    # No high-water mark: PUB drops what goes past it, and a pipe's writer learns of reads only in batches
-    # of half the mark, so even a mark above the run's size dropped messages. Every pattern gets the same,
-    # so PUSH and DEALER/ROUTER never block either: a sender may queue a whole run in memory.
-    s.sndhwm = s.rcvhwm = 0
-    if kind == zmq.SUB:
-        s.subscribe(b"")
-    if kind == zmq.ROUTER:
-        s.router_mandatory = 1
+    try:
+        s.linger = 0
+        s.rcvtimeo = s.sndtimeo = int(TIMEOUT_S * 1000)
+        # No high-water mark: PUB drops what goes past it, and a pipe's writer learns of reads only in batches
+        # of half the mark, so even a mark above the run's size dropped messages. Every pattern gets the same,
+        # so PUSH and DEALER/ROUTER never block either: a sender may queue a whole run in memory.
+        s.sndhwm = s.rcvhwm = 0
+        if kind == zmq.SUB:
+            s.subscribe(b"")
+        if kind == zmq.ROUTER:
+            s.router_mandatory = 1
+    except BaseException:  # Ctrl-C included: an open socket would hold up ctx.term() forever
+        s.close(linger=0)
+        raise
     return s
 
 
@@ -172,10 +176,13 @@ def _measure_zmq(ctx: Any, peer: _ThreadPeer | _ProcessPeer, transport: str, pat
 
     way_out, way_back = _kinds(pattern)
     messages = 0 if pattern == "req-rep" else n.messages
-    out = _socket(ctx, way_out[0])
-    back = _socket(ctx, way_back[0]) if way_back else out
+    opened: list[Any] = []  # closed whatever happens, or ctx.term() would wait for them forever (Ctrl-C)
     name = f"{os.getpid()}-{pattern}-{size}"
     try:
+        opened.append(out := _socket(ctx, way_out[0]))
+        back = out
+        if way_back:
+            opened.append(back := _socket(ctx, way_back[0]))
         case = Case(pattern, size, messages, _bind(out, transport, peer.ipc_dir, f"{name}-out"),
                     _bind(back, transport, peer.ipc_dir, f"{name}-back") if way_back else "")
         peer.start(case)
@@ -192,8 +199,8 @@ def _measure_zmq(ctx: Any, peer: _ThreadPeer | _ProcessPeer, transport: str, pat
     except zmq.Again:
         raise RuntimeError(f"{transport} {pattern} {size} B: nothing arrived for {TIMEOUT_S:.0f} s") from None
     finally:
-        out.close()
-        back.close()
+        for sock in opened:
+            sock.close()
     return _row(transport, pattern, size, rtts, got, seconds, max(0, messages - got))
 
 
