@@ -105,7 +105,10 @@ def test_filters_pick_rows():
 def test_no_peer_outlives_an_interrupted_run(how):
     # The full counts run for many seconds: the run is still measuring when it is stopped.
     dirs_before = ipc_dirs()
-    proc = bench("--transports", "ipc", "mp-queue", start_new_session=True)
+    # As from a terminal: Ctrl-C's default action. A test run that inherited SIGINT ignored (`make test` in a
+    # background job did, here) passes that on, and Python then never turns it into KeyboardInterrupt.
+    proc = bench("--transports", "ipc", "mp-queue", start_new_session=True,
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         children, peers = watch_children(proc, timeout=30, until_a_peer=True)
         assert proc.poll() is None and peers, "the peer never started"
