@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from tests.conftest import TINY_NAME  # noqa: E402
 
-MAX_EXAMPLES = 50  # random valid bodies per operation
+MAX_EXAMPLES = 30  # random valid bodies per operation
 MAX_TOKENS = 8  # a generated budget above this (but inside the context) is cut to it
 MAX_N = 2
 MAX_PROMPTS = 3

@@ -79,17 +79,18 @@ def test_signal_stops_everything(tiny_model, sig, group):
         assert not os.path.exists(server.ipc_dir)
 
 
-def test_tp2_gives_the_same_tokens_as_tp1(tiny_model):
+def test_tp2_gives_the_same_tokens_as_tp1(tiny_model, tiny_server):
     prompts = ["The quick brown fox", "What is the capital of France?", "def add(a, b):"]
 
-    def run(tp: str) -> list[str]:
-        with Server("--model", str(tiny_model), "--served-name", TINY_NAME, "--tp", tp, "--dtype", "float32") as server:
-            titles = subprocess.run(["ps", "-o", "args=", "-p", ",".join(map(str, server.children))], capture_output=True, text=True).stdout
-            assert titles.count("serve:worker-") == int(tp)
-            client = server.client()
-            return [client.completions.create(model=TINY_NAME, prompt=p, max_tokens=32, temperature=0).choices[0].text for p in prompts]
+    def run(server: Server) -> list[str]:
+        client = server.client()
+        return [client.completions.create(model=TINY_NAME, prompt=p, max_tokens=32, temperature=0).choices[0].text for p in prompts]
 
-    assert run("2") == run("1")
+    with Server("--model", str(tiny_model), "--served-name", TINY_NAME, "--tp", "2", "--dtype", "float32") as server:
+        titles = subprocess.run(["ps", "-o", "args=", "-p", ",".join(map(str, server.children))], capture_output=True, text=True).stdout
+        assert titles.count("serve:worker-") == 2
+        tp2 = run(server)
+    assert tp2 == run(tiny_server)  # the shared server: the same model at TP 1, float32
 
 
 def test_startup_timeout_names_who_was_not_ready(tmp_path, tiny_model):

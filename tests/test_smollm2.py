@@ -70,9 +70,14 @@ def served(server: Server) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tp1_outputs(smollm2_dir) -> list[str]:
-    with Server("--config", CONFIG, "--dtype", "float32", "--kv-pool-tokens", "8192") as server:
-        return served(server)
+def tp1_server(smollm2_dir):
+    with Server("--config", CONFIG, "--dtype", "float32", "--kv-pool-tokens", "16384") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tp1_outputs(tp1_server) -> list[str]:
+    return served(tp1_server)
 
 
 def test_greedy_matches_hf_generate(smollm2_dir, tp1_outputs):
@@ -95,26 +100,26 @@ def test_tp2_matches_tp1(smollm2_dir, tp1_outputs):
         assert served(server) == tp1_outputs
 
 
-def test_16_concurrent_streams_match_alone(smollm2_dir):
+def test_16_concurrent_streams_match_alone(tp1_server):
     questions = [f"Give me one fact about the number {i}." for i in range(16)]
-    with Server("--config", CONFIG, "--dtype", "float32", "--kv-pool-tokens", "16384") as server:
-        client = server.client()
-        alone = [
-            client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": q}], max_tokens=32, temperature=0)
-            .choices[0].message.content
-            for q in questions
-        ]
+    server = tp1_server  # the greedy tests' server: one SmolLM2 start less
+    client = server.client()
+    alone = [
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": q}], max_tokens=32, temperature=0)
+        .choices[0].message.content
+        for q in questions
+    ]
 
-        async def one(aclient, q):
-            stream = await aclient.chat.completions.create(
-                model=NAME, messages=[{"role": "user", "content": q}], max_tokens=32, temperature=0, stream=True)
-            return "".join([c.choices[0].delta.content or "" async for c in stream])
+    async def one(aclient, q):
+        stream = await aclient.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": q}], max_tokens=32, temperature=0, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
 
-        async def together():
-            aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-            return await asyncio.gather(*(one(aclient, q) for q in questions))
+    async def together():
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(*(one(aclient, q) for q in questions))
 
-        batched = asyncio.run(together())
+    batched = asyncio.run(together())
     differ = [i for i, (a, b) in enumerate(zip(alone, batched)) if a != b]
     if differ:
         # A batch of 16 multiplies matrices in a different order than a batch of 1; in float32 that can
