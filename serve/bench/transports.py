@@ -6,7 +6,7 @@ as it can, this process counts, first to last message received).
 
 Both ends are Python (pyzmq), as in the server, so the figures include the interpreter's cost per message.
 inproc peers are threads of this process on one zmq.Context: the GIL sits between them. ipc and tcp peers
-are one spawned process per transport, handed one case after another over a pipe.
+are one spawned process per transport, handed one case after another over a pipe (zmq_peers.py).
 """
 
 from __future__ import annotations
@@ -15,21 +15,19 @@ import argparse
 import importlib.util
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from serve.bench import zmq_report
+from serve.bench.zmq_peers import (
+    STOP, SYNC, TIMEOUT_S, Case, ProcessPeer, ThreadPeer, end_process, kinds, make_socket, queue_peer,
+)
 
 TRANSPORTS = ("inproc", "ipc", "tcp", "mp-queue")
 PATTERNS = ("req-rep", "dealer-router", "push-pull", "pub-sub")
 SIZES = (64, 4096)  # a scheduling message; a few KB of token ids
-STOP = b"stop"  # ends an echo loop (no payload is 4 bytes long)
-SYNC = b"sync"  # a PUB/SUB probe, echoed like any payload
-TIMEOUT_S = 10.0  # any send or receive stuck this long fails the run instead of hanging it
 DRAIN_S = 2.0  # after the first message of a throughput run, this much silence means the rest was dropped
 
 
@@ -38,16 +36,6 @@ class Counts:
     warmup: int
     round_trips: int
     messages: int  # per throughput run
-
-
-@dataclass(frozen=True)
-class Case:
-    """What the peer needs for one measurement. `back` is empty where one socket carries both ways."""
-    pattern: str
-    size: int
-    messages: int  # 0: no throughput run (REQ/REP is lockstep)
-    out: str  # endpoint this process sends on
-    back: str  # endpoint the peer sends on
 
 
 @dataclass
@@ -114,7 +102,7 @@ def measure(args: argparse.Namespace) -> list[Row]:
     ctx = zmq.Context()
     try:
         for transport in [t for t in args.transports if t != "mp-queue"]:
-            with (_ThreadPeer(ctx) if transport == "inproc" else _ProcessPeer()) as peer:
+            with (ThreadPeer(ctx) if transport == "inproc" else ProcessPeer()) as peer:
                 for pattern in args.patterns:
                     for size in SIZES:
                         print(f"  {transport} {pattern} {size} B", file=sys.stderr, flush=True)
@@ -129,39 +117,6 @@ def measure(args: argparse.Namespace) -> list[Row]:
 
 # --- ZeroMQ -------------------------------------------------------------------------------------------
 
-def _kinds(pattern: str) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """(this side, peer) socket types for the way out and, where it is another pair, the way back."""
-    import zmq
-
-    return {
-        "req-rep": ((zmq.REQ, zmq.REP), None),
-        "dealer-router": ((zmq.DEALER, zmq.ROUTER), None),
-        "push-pull": ((zmq.PUSH, zmq.PULL), (zmq.PULL, zmq.PUSH)),
-        "pub-sub": ((zmq.PUB, zmq.SUB), (zmq.SUB, zmq.PUB)),
-    }[pattern]
-
-
-def _socket(ctx: Any, kind: int) -> Any:
-    import zmq
-
-    s = ctx.socket(kind)
-    try:
-        s.linger = 0
-        s.rcvtimeo = s.sndtimeo = int(TIMEOUT_S * 1000)
-        # No high-water mark: PUB drops what goes past it, and a pipe's writer learns of reads only in batches
-        # of half the mark, so even a mark above the run's size dropped messages. Every pattern gets the same,
-        # so PUSH and DEALER/ROUTER never block either: a sender may queue a whole run in memory.
-        s.sndhwm = s.rcvhwm = 0
-        if kind == zmq.SUB:
-            s.subscribe(b"")
-        if kind == zmq.ROUTER:
-            s.router_mandatory = 1
-    except BaseException:  # Ctrl-C included: an open socket would hold up ctx.term() forever
-        s.close(linger=0)
-        raise
-    return s
-
-
 def _bind(sock: Any, transport: str, ipc_dir: str, name: str) -> str:
     if transport == "tcp":
         sock.bind("tcp://127.0.0.1:*")
@@ -171,18 +126,18 @@ def _bind(sock: Any, transport: str, ipc_dir: str, name: str) -> str:
     return endpoint
 
 
-def _measure_zmq(ctx: Any, peer: _ThreadPeer | _ProcessPeer, transport: str, pattern: str, size: int, n: Counts) -> Row:
+def _measure_zmq(ctx: Any, peer: ThreadPeer | ProcessPeer, transport: str, pattern: str, size: int, n: Counts) -> Row:
     import zmq
 
-    way_out, way_back = _kinds(pattern)
+    way_out, way_back = kinds(pattern)
     messages = 0 if pattern == "req-rep" else n.messages
     opened: list[Any] = []  # closed whatever happens, or ctx.term() would wait for them forever (Ctrl-C)
     name = f"{os.getpid()}-{pattern}-{size}"
     try:
-        opened.append(out := _socket(ctx, way_out[0]))
+        opened.append(out := make_socket(ctx, way_out[0]))
         back = out
         if way_back:
-            opened.append(back := _socket(ctx, way_back[0]))
+            opened.append(back := make_socket(ctx, way_back[0]))
         case = Case(pattern, size, messages, _bind(out, transport, peer.ipc_dir, f"{name}-out"),
                     _bind(back, transport, peer.ipc_dir, f"{name}-back") if way_back else "")
         peer.start(case)
@@ -216,141 +171,6 @@ def _sync(out: Any, back: Any) -> None:
         back.recv()
 
 
-def _peer_side(ctx: Any, case: Case) -> None:
-    """Echo until STOP, then send `case.messages` as fast as the socket takes them."""
-    import zmq
-
-    way_out, way_back = _kinds(case.pattern)
-    inp = _socket(ctx, way_out[1])
-    out = _socket(ctx, way_back[1]) if way_back else inp
-    out.linger = int(TIMEOUT_S * 1000)  # what is still queued at close goes out after it
-    try:
-        inp.connect(case.out)
-        if case.back:
-            out.connect(case.back)
-        payload = bytes(case.size)
-        if way_out[1] == zmq.ROUTER:  # frames are [identity, payload]
-            while (frames := inp.recv_multipart())[1] != STOP:
-                inp.send_multipart(frames)
-            for _ in range(case.messages):
-                inp.send_multipart([frames[0], payload])
-        else:
-            while (msg := inp.recv()) != STOP:
-                out.send(msg)
-            for _ in range(case.messages):
-                out.send(payload)
-    finally:
-        out.close()
-        inp.close()
-
-
-class _ThreadPeer:
-    """inproc: the peer is a thread of this process on the same Context."""
-
-    ipc_dir = ""
-
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        self.thread: threading.Thread | None = None
-        self.error = ""
-
-    def start(self, case: Case) -> None:
-        self.error = ""
-        self.thread = threading.Thread(target=self._run, args=(case,), name="bench-zmq-peer", daemon=True)
-        self.thread.start()
-
-    def _run(self, case: Case) -> None:
-        try:
-            _peer_side(self.ctx, case)
-        except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
-
-    def wait(self) -> None:
-        assert self.thread is not None
-        self.thread.join(TIMEOUT_S)
-        if self.thread.is_alive() or self.error:
-            raise RuntimeError(f"inproc peer: {self.error or 'stuck'}")
-
-    def __enter__(self) -> _ThreadPeer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-class _ProcessPeer:
-    """ipc, tcp: the peer is a spawned process that runs the cases it is sent until it is sent None.
-    It dies with us (serve.proc.die_with_parent) and ignores Ctrl-C, which is ours to handle."""
-
-    def __init__(self) -> None:
-        import multiprocessing
-        import tempfile
-
-        mp = multiprocessing.get_context("spawn")
-        self.ipc_dir = tempfile.mkdtemp(prefix="serve-bench-zmq-")  # mode 0700: ours alone
-        self.conn, child = mp.Pipe()
-        self.proc = mp.Process(target=_peer_process, args=(child, os.getpid()), name="bench-zmq-peer", daemon=True)
-        self.proc.start()
-        child.close()
-
-    def start(self, case: Case) -> None:
-        self.conn.send(case)
-
-    def wait(self) -> None:
-        if not self.conn.poll(TIMEOUT_S):
-            raise RuntimeError("peer process: no answer")
-        try:
-            error = self.conn.recv()
-        except EOFError:
-            raise RuntimeError(f"peer process died (exit code {self.proc.exitcode})") from None
-        if error:
-            raise RuntimeError(f"peer process: {error}")
-
-    def __enter__(self) -> _ProcessPeer:
-        return self
-
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        import shutil
-
-        if exc_type is None:
-            self.conn.send(None)
-        _end(self.proc, now=exc_type is not None)  # after a failure it may be mid-case, deaf to the pipe
-        shutil.rmtree(self.ipc_dir, ignore_errors=True)
-
-
-def _peer_process(conn: Any, parent: int) -> None:
-    _child_setup(parent)
-    import zmq
-
-    ctx = zmq.Context()
-    for case in iter(conn.recv, None):
-        try:
-            _peer_side(ctx, case)
-            conn.send(None)
-        except Exception as e:
-            conn.send(f"{type(e).__name__}: {e}")
-    ctx.destroy(linger=0)
-
-
-def _child_setup(parent: int) -> None:
-    from setproctitle import setproctitle
-
-    from serve.proc import die_with_parent
-
-    die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    setproctitle("serve:bench-zmq-peer")
-
-
-def _end(proc: Any, now: bool) -> None:
-    """Wait a moment for a child to exit (or none), then kill it."""
-    if not now:
-        proc.join(2)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-
-
 # --- multiprocessing.Queue ----------------------------------------------------------------------------
 
 def _measure_queue(plan: dict[int, Counts]) -> list[Row]:
@@ -360,7 +180,7 @@ def _measure_queue(plan: dict[int, Counts]) -> list[Row]:
 
     mp = multiprocessing.get_context("spawn")
     to_peer, to_main = mp.Queue(), mp.Queue()
-    proc = mp.Process(target=_queue_peer, args=(to_peer, to_main, os.getpid(), [(s, n.messages) for s, n in plan.items()]),
+    proc = mp.Process(target=queue_peer, args=(to_peer, to_main, os.getpid(), [(s, n.messages) for s, n in plan.items()]),
                       name="bench-zmq-peer", daemon=True)
     proc.start()
     rows = []
@@ -387,18 +207,8 @@ def _measure_queue(plan: dict[int, Counts]) -> list[Row]:
     finally:
         for q in (to_peer, to_main):
             q.cancel_join_thread()  # an unread message must not hold up our exit
-        _end(proc, now=not ok)
+        end_process(proc, now=not ok)
     return rows
-
-
-def _queue_peer(inp: Any, out: Any, parent: int, plan: list[tuple[int, int]]) -> None:
-    _child_setup(parent)
-    for size, messages in plan:
-        while (msg := inp.get(timeout=TIMEOUT_S)) != STOP:
-            out.put(msg)
-        payload = bytes(size)
-        for _ in range(messages):
-            out.put(payload)
 
 
 # --- measuring ----------------------------------------------------------------------------------------
