@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
+
+from serve.worker.linear import Int8Linear, Linear
 
 
 @dataclass(frozen=True)
@@ -180,42 +181,6 @@ class Weights:
         else:
             t = part[:]
         return t.to(device=self.device, dtype=self.dtype).contiguous()
-
-
-class Linear:
-    """y = x @ W.T + b. On CPU in float32 the weight is prepacked once into oneDNN's blocked layout:
-    measured here, that halves a batch-1 decode matmul (weights streamed from memory at ~22 GB/s instead
-    of ~12) and is still faster at batch 32. Elsewhere (CUDA, other dtypes) it is plain F.linear."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.bias = bias
-        self.packed = weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.packed else weight
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-class Int8Linear:
-    """The opt-in `quantization: int8` (CPU, float32 only): weights quantized per output channel once,
-    activations per step (fbgemm's dynamic int8 linear). A quarter of float32's bytes to stream: measured
-    here, SmolLM2's 211 weight matmuls at batch 1 take ~13 ms instead of ~31. Outputs drift slightly
-    from float32's, so parity tests keep to float32."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        if weight.device.type != "cpu" or weight.dtype != torch.float32:
-            raise ValueError("quantization: int8 runs on CPU in float32 only; use quantization: none here")
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12).double() / 127
-        with warnings.catch_warnings():  # torch marks its quantized-tensor constructors deprecated
-            warnings.simplefilter("ignore")
-            q = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.int64), 0, torch.qint8)
-        self.weight = torch.ops.quantized.linear_prepack(q, bias)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range: 7-bit activations, so that AVX2's 16-bit pairwise sums cannot saturate.
-        return torch.ops.quantized.linear_dynamic(x, self.weight, True)
 
 
 def pair_layout(t: torch.Tensor, d: int) -> torch.Tensor:
