@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/smollm2-135m-instruct.yaml
 
-.PHONY: setup serve test bench bench-features clean
+.PHONY: setup native serve test bench bench-features clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,16 +16,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-serve: setup
+# Our CPU kernels, compiled once per machine and source (~45 s; a no-op afterwards), so that no server
+# start waits for the compiler. Without a compiler it says so, and the model runs on plain torch ops.
+native: setup
+	$(PY) -m serve.worker.native
+
+serve: native
 	$(VENV)/bin/serve launch --config $(CONFIG) $(ARGS)
 
-test: setup
+test: native
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: setup
+bench: native
 	$(PY) bench/bench_serving.py $(ARGS)
 
-bench-features: setup
+bench-features: native
 	$(PY) bench/bench_features.py $(ARGS)
 
 clean:
@@ -33,5 +38,5 @@ clean:
 
 # Soak (~1 minute here): 2,000 mixed requests at concurrency 32, 10% hang up mid-stream; then /stats idle and RSS flat.
 .PHONY: soak
-soak: setup
+soak: native
 	$(PY) bench/soak.py $(ARGS)

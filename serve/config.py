@@ -54,6 +54,9 @@ class EngineConfig:
     startup_timeout_s: float = 600.0
     # Worker threads per rank; 0 means cores / tp.
     threads_per_rank: int = 0
+    # float32 on CPU: run the layers' small ops, decode attention and (with int8) few-row matmuls as our
+    # fused kernels (serve/worker/native.cpp, compiled once per machine). false: plain torch ops.
+    cpu_kernels: bool = True
 
 
 @dataclass

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from serve.messages import SamplingParams
+from serve.worker import native
 from serve.worker.engine import Engine
 from serve.worker.model import Model
 from serve.worker.offline import OfflineRunner
@@ -27,11 +28,15 @@ def build_hf(folder, tie: bool, seed: int = 0):
     return random_llama(folder, seed, vocab_size=VOCAB, max_position_embeddings=MAX_LEN, tie_word_embeddings=tie, pad_token_id=0)
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+# float32 on CPU runs on our kernels (serve/worker/native.cpp) by default; "torch-ops" is the plain-torch
+# form of the same forward (other dtypes, CUDA, engine.cpu_kernels: false), checked against HF too.
+@pytest.fixture(scope="module", params=[(True, True), (False, True), (True, False)], ids=["tied", "untied", "tied-torch-ops"])
 def models(request, tmp_path_factory):
+    tie, kernels = request.param
     folder = tmp_path_factory.mktemp("tiny-llama")
-    hf = build_hf(folder, tie=request.param)
-    ours = Model(folder, 0, 1, torch.float32, torch.device("cpu"))
+    hf = build_hf(folder, tie=tie)
+    ours = Model(folder, 0, 1, torch.float32, torch.device("cpu"), cpu_kernels=kernels)
+    assert ours.ops.native == (kernels and native.cpu_supported())
     return hf, ours
 
 
@@ -123,10 +128,14 @@ def test_int8_quantization_tracks_float32(models, tmp_path):
     hf, ours = models
     hf.save_pretrained(tmp_path, safe_serialization=True)
     q = Model(tmp_path, 0, 1, torch.float32, torch.device("cpu"), quantization="int8")
+    assert (q.kernels is not None) == native.cpu_supported()
     full_logits, q_logits = captured_logits((r32 := runner(ours)).engine), captured_logits((r8 := runner(q)).engine)
-    r32.generate(PROMPTS, 1)
+    # Decode steps of 4 rows and fewer go through our int8 kernel where it is built, prompts through fbgemm.
+    tokens = r32.generate(PROMPTS, 4)
     r8.generate(PROMPTS, 1)
-    a, b = full_logits[0], q_logits[0]
-    assert torch.isfinite(b).all() and not torch.equal(a, b)  # really quantized
-    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() > 0.99
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75
+    for step in range(1, 4):  # fed float32's tokens, so that both see the same text
+        r8.engine.step(r8.decode_plan(PROMPTS, [t[:step] for t in tokens]))
+    for a, b in zip(full_logits, q_logits):
+        assert torch.isfinite(b).all() and not torch.equal(a, b)  # really quantized
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() > 0.99
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75

@@ -107,6 +107,8 @@ class Engine:
 
     def _decode_view(self, rows: torch.Tensor, starts: list[int]) -> DecodeView:
         B, L = len(starts), max(starts) + 1
+        if self.model.ops.native:  # its decode attention reads the cache in place through req_to_token
+            return DecodeView(rows, B, L, table=self.req_to_token, lens=self._tensor([s + 1 for s in starts]))
         gather, buf = self._gather(rows, L)
         bias = None
         if min(starts) + 1 < L:
@@ -115,7 +117,7 @@ class Engine:
             keys = torch.arange(L, device=self.device)
             bias = torch.zeros(B, L, dtype=self.model.dtype, device=self.device).masked_fill_(keys[None, :] >= ends[:, None], float("-inf"))
             bias = bias.view(1, B, 1, L).expand(self.model.n_kv, B, 1, L).reshape(-1, 1, L)
-        return DecodeView(rows, gather, buf, B, L, bias)
+        return DecodeView(rows, B, L, gather, buf, bias)
 
     def _prefill_view(self, rows: torch.Tensor, starts: list[int], lens: list[int]) -> PrefillView:
         B, N = len(lens), max(lens)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import warnings
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +29,18 @@ class Linear:
 
 
 class Int8Linear:
-    """The opt-in `quantization: int8` (CPU, float32 only): weights quantized per output channel once,
-    activations per step (fbgemm's dynamic int8 linear). A quarter of float32's bytes to stream: measured
-    here, SmolLM2's 211 weight matmuls at batch 1 take ~13 ms instead of ~31. Outputs drift slightly
-    from float32's, so parity tests keep to float32."""
+    """The opt-in `quantization: int8` (CPU, float32 only): weights quantized per output channel once.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    Up to 4 rows (a decode step of a few streams) go through our kernel (native.cpp `int8_linear`, when it
+    is built), which streams the int8 weights at about twice fbgemm's rate here: SmolLM2's weight matmuls
+    at batch 1 take ~7 ms instead of ~14. More rows go through fbgemm's dynamic int8 linear, whose
+    vpmaddubsw GEMM wins once there are enough rows to reuse each weight. Both round the activations to
+    8 bits (ours per block of 32 values, fbgemm 7 bits per tensor), so outputs drift slightly from
+    float32's; parity tests keep to float32."""
+
+    SMALL_ROWS = 4
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernels: ModuleType | None = None) -> None:
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             raise ValueError("quantization: int8 runs on CPU in float32 only; use quantization: none here")
         scale = weight.abs().amax(dim=1).clamp(min=1e-12).double() / 127
@@ -41,7 +48,12 @@ class Int8Linear:
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.int64), 0, torch.qint8)
         self.weight = torch.ops.quantized.linear_prepack(q, bias)
+        self.kernels = kernels if kernels is not None and weight.shape[1] % 32 == 0 else None
+        if self.kernels is not None:
+            self.int8, self.scale, self.bias = q.int_repr().contiguous(), scale.float(), bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.shape[0] <= self.SMALL_ROWS:
+            return self.kernels.int8_linear(x.contiguous(), self.int8, self.scale, self.bias)
         # reduce_range: 7-bit activations, so that AVX2's 16-bit pairwise sums cannot saturate.
         return torch.ops.quantized.linear_dynamic(x, self.weight, True)

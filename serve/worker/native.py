@@ -1,0 +1,67 @@
+"""Builds and loads our CPU kernels (native.cpp) with torch's C++ extension tooling.
+
+Compiled once per machine, torch version and source (~40 s here), into ~/.cache/serve/native; later
+loads take milliseconds. `make setup` builds it ahead so that no server start waits for the compiler.
+Where there is no compiler or no AVX2/FMA, `load()` returns None and the model runs on plain torch ops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger("serve.worker")
+
+SOURCE = Path(__file__).with_name("native.cpp")
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def cpu_supported() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def build_dir() -> Path:
+    import torch
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("SERVE_CACHE", Path.home() / ".cache" / "serve"))
+    return root / "native" / digest
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels, building them first if needed; None where they cannot run here."""
+    if "module" in _loaded:
+        return _loaded["module"]
+    module = None
+    if cpu_supported():
+        try:
+            from torch.utils.cpp_extension import load as load_extension
+
+            # The ninja that pip put beside this interpreter, when the venv is not on PATH.
+            os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
+            folder = build_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            module = load_extension(
+                name="serve_native", sources=[str(SOURCE)], build_directory=str(folder),
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
+            )
+        except Exception as e:  # no compiler, or it failed: say so once and run on torch ops
+            log.warning("CPU kernels unavailable (%s); running on plain torch ops", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+    _loaded["module"] = module
+    return module
+
+
+if __name__ == "__main__":  # `python -m serve.worker.native`: build ahead (make setup does)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok = load() is not None
+    print(f"serve CPU kernels: {'built in ' + str(build_dir()) if ok else 'not available, plain torch ops will be used'}")
+    sys.exit(0)

@@ -1,0 +1,127 @@
+"""Our CPU kernels (serve/worker/native.cpp) against plain torch, one kernel at a time.
+
+The model-level checks (logits within 1e-4 of transformers, greedy tokens) run through these kernels in
+tests/test_model_parity.py and test_model_families.py; here each kernel meets odd shapes, strided inputs
+and scattered cache slots, where a wrong index would hide in a whole model's noise.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serve.worker import native
+
+pytestmark = pytest.mark.skipif(not native.cpu_supported(), reason="this CPU has no AVX2/FMA; the kernels are not used here")
+
+
+@pytest.fixture(scope="module")
+def k():
+    module = native.load()
+    assert module is not None, "the kernels failed to build on a CPU that supports them (see the warning above)"
+    return module
+
+
+def quantized(N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    scale = w.abs().amax(dim=1) / 127
+    return torch.clamp((w / scale[:, None]).round(), -127, 127).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("N,K", [(960, 576), (7, 64), (49, 1536)])
+def test_int8_linear_matches_the_dequantized_matmul(k, M, N, K):
+    w, scale = quantized(N, K, seed=M)
+    x, bias = torch.randn(M, K), torch.randn(N)
+    expected = x @ (w.float() * scale[:, None]).T + bias
+    got = k.int8_linear(x, w, scale, bias)
+    # The activations are rounded to 8 bits per block of 32: ~0.5% of the output's norm.
+    assert got.shape == (M, N)
+    assert ((got - expected).norm() / expected.norm()).item() < 0.01
+    # Each row alone gives the same answer as in the batch (no row mixes into another).
+    assert torch.allclose(k.int8_linear(x[-1:].contiguous(), w, scale, bias)[0], got[-1], atol=1e-5)
+
+
+def test_int8_linear_rejects_what_it_cannot_do(k):
+    w, scale = quantized(8, 64, seed=0)
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        k.int8_linear(torch.randn(5, 64), w, scale, None)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        k.int8_linear(torch.randn(1, 48), torch.zeros(8, 48, dtype=torch.int8), scale, None)
+
+
+def reference_attention(q, cache, table, rows, lens):
+    n_kv, n_q = cache.shape[0] // 2, q.shape[1]
+    out = torch.empty(q.shape)
+    for b in range(q.shape[0]):
+        slots = table[rows[b], :lens[b]]
+        for h in range(n_q):
+            kv = h // (n_q // n_kv)
+            p = torch.softmax(q[b, h] @ cache[kv, slots].T, dim=-1)
+            out[b, h] = p @ cache[n_kv + kv, slots]
+    return out.view(q.shape[0], -1)
+
+
+@pytest.mark.parametrize("n_q,n_kv,d", [(9, 3, 64), (4, 4, 32), (8, 2, 40)])
+def test_decode_attention_reads_scattered_slots(k, n_q, n_kv, d):
+    g = torch.Generator().manual_seed(n_q)
+    pool, max_len = 500, 96
+    cache = torch.randn(2 * n_kv, pool, d, generator=g)
+    table = torch.randint(0, pool, (6, max_len), generator=g)
+    rows, lens = torch.tensor([4, 0, 5, 2]), torch.tensor([1, 7, 96, 33])  # a length 1, a full row, non-multiples of 8
+    # q as the model passes it: a slice of the fused qkv, so its rows are strided.
+    qkv = torch.randn(4, n_q + 2 * n_kv, d, generator=g) * 0.3
+    q = qkv[:, :n_q]
+    got = k.decode_attention(q, cache, table, rows, lens).view(4, -1)
+    assert (got - reference_attention(q, cache, table, rows, lens)).abs().max().item() < 1e-5
+
+
+def test_rope_store_rotates_and_writes_the_cache(k):
+    g = torch.Generator().manual_seed(1)
+    T, n_q, n_kv, d, pool = 5, 6, 2, 16, 40
+    qkv = torch.randn(T, n_q + 2 * n_kv, d, generator=g)
+    angles = torch.randn(T, d // 2, generator=g)
+    rope = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [T, d/2, 2]
+    cache = torch.zeros(2 * n_kv, pool, d)
+    slots = torch.tensor([3, 39, 0, 17, 8])
+    before = qkv.clone()
+    k.rope_store(qkv, rope, cache, slots, n_q)
+    rotated = torch.view_as_real(torch.view_as_complex(before[:, :n_q + n_kv].reshape(T, -1, d // 2, 2).contiguous())
+                                 * torch.polar(torch.ones_like(angles), angles)[:, None]).reshape(T, -1, d)
+    assert (qkv[:, :n_q + n_kv] - rotated).abs().max().item() < 1e-5
+    assert torch.equal(qkv[:, n_q + n_kv:], before[:, n_q + n_kv:])  # values untouched
+    assert torch.equal(cache[:n_kv, slots].transpose(0, 1), qkv[:, n_q:n_q + n_kv])
+    assert torch.equal(cache[n_kv:, slots].transpose(0, 1), qkv[:, n_q + n_kv:])
+    untouched = torch.ones(pool, dtype=torch.bool)
+    untouched[slots] = False
+    assert cache[:, untouched].abs().sum().item() == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (37, 100), (3, 5, 64)])
+def test_norms_and_silu_mul(k, shape):
+    x, w, eps = torch.randn(shape), torch.randn(shape[-1]), 1e-5
+    assert (k.rms_norm(x, w, eps) - torch.rms_norm(x, (shape[-1],), w, eps)).abs().max().item() < 1e-5
+    h, delta = torch.randn(shape), torch.randn(shape)
+    expected_h = h + delta
+    normed = k.add_rms_norm(h, delta, w, eps)
+    assert torch.equal(h, expected_h)  # the residual is added in place
+    assert (normed - torch.rms_norm(expected_h, (shape[-1],), w, eps)).abs().max().item() < 1e-5
+    gate_up = torch.randn(shape[0], 2 * 100) * 6
+    expected = F.silu(gate_up[:, :100]) * gate_up[:, 100:]
+    assert (k.silu_mul(gate_up) - expected).abs().max().item() < 1e-4
+
+
+def test_without_a_compiler_the_model_runs_on_torch_ops(tmp_path):
+    # A machine with no C++ compiler gets a warning and plain torch ops, not a failed start.
+    env = {**os.environ, "SERVE_CACHE": str(tmp_path), "CXX": "/bin/false"}
+    code = "from serve.worker import native; print('kernels:', native.load())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "kernels: None" in out.stdout
+    assert "CPU kernels unavailable" in out.stderr
