@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--chunked-prefill-tokens", type=int, help="per-step token budget with chunked prefill (0: off)")
     launch.add_argument("--no-prefix-cache", action="store_const", const=False, dest="prefix_cache", help="recompute every prompt")
     launch.add_argument("--no-overlap", action="store_const", const=False, dest="overlap", help="plan each step only after the last one ends")
+    launch.add_argument("--kv-cache-dtype", choices=["auto", "float16"], help="float16 halves the KV cache (auto: the model's dtype)")
     launch.add_argument("--no-cpu-kernels", action="store_const", const=False, dest="cpu_kernels", help="plain torch ops instead of our CPU kernels")
     launch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     launch.add_argument("--log-requests", action="store_const", const=True, help="log a line per finished request")
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             "server.host": args.host, "server.port": args.port, "engine.tp": args.tp,
             "engine.kv_pool_tokens": args.kv_pool_tokens, "server.log_level": args.log_level, "server.log_requests": args.log_requests,
             "engine.chunked_prefill_tokens": args.chunked_prefill_tokens, "engine.prefix_cache": args.prefix_cache,
-            "engine.overlap": args.overlap, "engine.cpu_kernels": args.cpu_kernels, "server.api_key": args.api_key or os.environ.get("SERVE_API_KEY"),
+            "engine.overlap": args.overlap, "engine.cpu_kernels": args.cpu_kernels, "engine.kv_cache_dtype": args.kv_cache_dtype,
+            "server.api_key": args.api_key or os.environ.get("SERVE_API_KEY"),
             **parse_settings(args.set),
         })
         from serve.launch import run

@@ -57,6 +57,9 @@ class EngineConfig:
     # float32 on CPU: run the layers' small ops, decode attention and (with int8) few-row matmuls as our
     # fused kernels (serve/worker/native.cpp, compiled once per machine). false: plain torch ops.
     cpu_kernels: bool = True
+    # The KV cache's dtype: auto (the model's) or float16, which halves its memory and the bytes decode
+    # attention reads each step (llama.cpp's default cache type). Outputs drift slightly from auto's.
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass
@@ -159,6 +162,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.quantization must be none or int8, got {config.model.quantization!r}")
     if config.model.quantization == "int8" and config.model.dtype not in ("auto", "float32"):
         raise ConfigError("model.quantization: int8 needs dtype float32 (or auto on a CPU without native bfloat16)")
+    if config.engine.kv_cache_dtype not in ("auto", "float16"):
+        raise ConfigError(f"engine.kv_cache_dtype must be auto or float16, got {config.engine.kv_cache_dtype!r}")
     if config.engine.tp < 1:
         raise ConfigError(f"engine.tp must be at least 1, got {config.engine.tp}")
     if not 0 < config.server.max_body_mb <= 32:

@@ -40,8 +40,8 @@ def models(request, tmp_path_factory):
     return hf, ours
 
 
-def runner(model: Model, rows: int = len(PROMPTS)) -> OfflineRunner:
-    return OfflineRunner(Engine(model, rows * MAX_LEN, rows, MAX_LEN), MAX_LEN)
+def runner(model: Model, rows: int = len(PROMPTS), kv_dtype: torch.dtype | None = None) -> OfflineRunner:
+    return OfflineRunner(Engine(model, rows * MAX_LEN, rows, MAX_LEN, kv_dtype=kv_dtype), MAX_LEN)
 
 
 def test_prefill_logits_match_hf(models):
@@ -139,3 +139,20 @@ def test_int8_quantization_tracks_float32(models, tmp_path):
         assert torch.isfinite(b).all() and not torch.equal(a, b)  # really quantized
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() > 0.99
         assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75
+
+
+def test_float16_kv_cache_tracks_float32(models):
+    # engine.kv_cache_dtype: float16 stores K/V rounded to 11 bits; every step's logits stay close to a
+    # float32 cache's, on the kernels' path and on torch's, fed the same tokens.
+    _, ours = models
+    r32, r16 = runner(ours), runner(ours, kv_dtype=torch.float16)
+    assert r16.engine.kv_cache[0].dtype == torch.float16
+    full_logits, half_logits = captured_logits(r32.engine), captured_logits(r16.engine)
+    tokens = r32.generate(PROMPTS, 6)
+    r16.generate(PROMPTS, 1)
+    for step in range(1, 6):
+        r16.engine.step(r16.decode_plan(PROMPTS, [t[:step] for t in tokens]))
+    for a, b in zip(full_logits, half_logits):
+        assert not torch.equal(a, b)
+        assert (a - b).abs().max().item() < 1e-2
+        assert torch.equal(a.argmax(-1), b.argmax(-1))

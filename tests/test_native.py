@@ -68,27 +68,29 @@ def reference_attention(q, cache, table, rows, lens):
     return out.view(q.shape[0], -1)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n_q,n_kv,d", [(9, 3, 64), (4, 4, 32), (8, 2, 40)])
-def test_decode_attention_reads_scattered_slots(k, n_q, n_kv, d):
+def test_decode_attention_reads_scattered_slots(k, n_q, n_kv, d, cache_dtype):
     g = torch.Generator().manual_seed(n_q)
     pool, max_len = 500, 96
-    cache = torch.randn(2 * n_kv, pool, d, generator=g)
+    cache = torch.randn(2 * n_kv, pool, d, generator=g).to(cache_dtype)  # float16: engine.kv_cache_dtype
     table = torch.randint(0, pool, (6, max_len), generator=g)
     rows, lens = torch.tensor([4, 0, 5, 2]), torch.tensor([1, 7, 96, 33])  # a length 1, a full row, non-multiples of 8
     # q as the model passes it: a slice of the fused qkv, so its rows are strided.
     qkv = torch.randn(4, n_q + 2 * n_kv, d, generator=g) * 0.3
     q = qkv[:, :n_q]
     got = k.decode_attention(q, cache, table, rows, lens).view(4, -1)
-    assert (got - reference_attention(q, cache, table, rows, lens)).abs().max().item() < 1e-5
+    assert (got - reference_attention(q, cache.float(), table, rows, lens)).abs().max().item() < 1e-5
 
 
-def test_rope_store_rotates_and_writes_the_cache(k):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_rope_store_rotates_and_writes_the_cache(k, cache_dtype):
     g = torch.Generator().manual_seed(1)
     T, n_q, n_kv, d, pool = 5, 6, 2, 16, 40
     qkv = torch.randn(T, n_q + 2 * n_kv, d, generator=g)
     angles = torch.randn(T, d // 2, generator=g)
     rope = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [T, d/2, 2]
-    cache = torch.zeros(2 * n_kv, pool, d)
+    cache = torch.zeros(2 * n_kv, pool, d, dtype=cache_dtype)
     slots = torch.tensor([3, 39, 0, 17, 8])
     before = qkv.clone()
     k.rope_store(qkv, rope, cache, slots, n_q)
@@ -96,8 +98,8 @@ def test_rope_store_rotates_and_writes_the_cache(k):
                                  * torch.polar(torch.ones_like(angles), angles)[:, None]).reshape(T, -1, d)
     assert (qkv[:, :n_q + n_kv] - rotated).abs().max().item() < 1e-5
     assert torch.equal(qkv[:, n_q + n_kv:], before[:, n_q + n_kv:])  # values untouched
-    assert torch.equal(cache[:n_kv, slots].transpose(0, 1), qkv[:, n_q:n_q + n_kv])
-    assert torch.equal(cache[n_kv:, slots].transpose(0, 1), qkv[:, n_q + n_kv:])
+    assert torch.equal(cache[:n_kv, slots].transpose(0, 1), qkv[:, n_q:n_q + n_kv].to(cache_dtype))
+    assert torch.equal(cache[n_kv:, slots].transpose(0, 1), qkv[:, n_q + n_kv:].to(cache_dtype))
     untouched = torch.ones(pool, dtype=torch.bool)
     untouched[slots] = False
     assert cache[:, untouched].abs().sum().item() == 0

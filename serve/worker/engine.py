@@ -16,9 +16,10 @@ from serve.worker.sampler import Sampler
 
 
 class Engine:
-    def __init__(self, model: Model, pool_tokens: int, max_rows: int, max_len: int, eos_ids: list[int] = ()) -> None:
+    def __init__(self, model: Model, pool_tokens: int, max_rows: int, max_len: int, eos_ids: list[int] = (),
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
-        dev, dt = model.device, model.dtype
+        dev, dt = model.device, kv_dtype or model.dtype
         d = model.args.head_dim
         # Per layer: keys then values, head-major (see AttentionMeta).
         self.kv_cache = [torch.zeros(2 * model.n_kv, pool_tokens, d, device=dev, dtype=dt) for _ in model.layers]

@@ -47,8 +47,9 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
         log.info("loading %s (%s, %s)", model_info.hf_dir, str(placement.dtype).removeprefix("torch."), placement.device)
     model = Model(model_info.hf_dir, rank, tp, placement.dtype, placement.device, config.model.quantization, progress,
                   config.engine.cpu_kernels)
+    kv_dtype = torch.float16 if config.engine.kv_cache_dtype == "float16" else placement.dtype
     engine = Engine(model, config.engine.kv_pool_tokens, config.engine.max_running_requests, model_info.max_model_len,
-                    model_info.eos_token_ids)
+                    model_info.eos_token_ids, kv_dtype)
     load_s = time.monotonic() - started
 
     ctx = zmq.Context.instance()
@@ -56,7 +57,8 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     results = socket(ctx, zmq.PUSH, eps.results, bind=False)
     reporter.ready(
         device=str(placement.device), dtype=str(placement.dtype).removeprefix("torch."), quantization=config.model.quantization,
-        ops="native" if model.ops.native else "torch", threads=threads,
+        ops="native" if model.ops.native else "torch",
+        kv_dtype=str(kv_dtype).removeprefix("torch."), threads=threads,
         load_s=round(load_s, 1), kv_mb=engine.kv_bytes() // 2**20,
     )
     hop = Hop("scheduler->workers", model_info.served_name)

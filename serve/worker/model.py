@@ -332,7 +332,7 @@ class Model:
         if pre is not None:
             # Prompts: SDPA over each request's keys (cached prefix included), padded to the longest.
             B, L, N = pre.B, pre.L, pre.N
-            kv = torch.index_select(cache.view(-1, d), 0, pre.gather, out=pre.kv_buf).view(2 * n_kv, B, L, d)
+            kv = torch.index_select(cache.view(-1, d), 0, pre.gather, out=pre.kv_buf).view(2 * n_kv, B, L, d).to(q.dtype)
             rest = q[dec.B:] if dec is not None else q
             if pre.q_index is not None:
                 rest = rest.index_select(0, pre.q_index)

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
@@ -60,25 +61,36 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// 8 floats from a float32 or a float16 (engine.kv_cache_dtype) array.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), load8(b + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), load8(b + k + 8), s1);
   }
-  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), load8(b + k), s0);
   float s = hsum(_mm256_add_ps(s0, s1));
-  for (; k < n; ++k) s += a[k] * b[k];
+  for (; k < n; ++k) s += a[k] * static_cast<float>(b[k]);
   return s;
 }
 
-// y += p * x over n floats
-inline void axpy(float p, const float* x, float* y, int64_t n) {
+// y += p * x over n values
+template <typename T>
+inline void axpy(float p, const T* x, float* y, int64_t n) {
   __m256 pv = _mm256_set1_ps(p);
   int64_t k = 0;
-  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(y + k, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
-  for (; k < n; ++k) y[k] += p * x[k];
+  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(y + k, _mm256_fmadd_ps(pv, load8(x + k), _mm256_loadu_ps(y + k)));
+  for (; k < n; ++k) y[k] += p * static_cast<float>(x[k]);
+}
+
+void check_cache(const torch::Tensor& cache) {
+  TORCH_CHECK(cache.device().is_cpu() && cache.is_contiguous() && (cache.scalar_type() == torch::kFloat32 || cache.scalar_type() == torch::kHalf),
+              "cache must be a contiguous float32 or float16 CPU tensor");
 }
 
 void check_f32(const torch::Tensor& t, const char* name) {
@@ -195,20 +207,15 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w, const 
 // q [B, n_q, d] (already scaled by 1/sqrt(d); rows may be strided, as a slice of qkv); cache [2*n_kv, pool, d], keys then values; the keys of
 // request b are at slots req_to_token[rows[b], 0:lens[b]]. One task per (request, kv head): each cached
 // key and value row is loaded once for the whole group of query heads that share it.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& req_to_token,
-                               const torch::Tensor& rows, const torch::Tensor& lens) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be float32 [B, n_q, d], rows contiguous");
-  check_f32(cache, "cache");
-  TORCH_CHECK(req_to_token.scalar_type() == torch::kInt64 && req_to_token.is_contiguous(), "req_to_token must be contiguous int64");
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && lens.scalar_type() == torch::kInt64, "rows and lens must be int64");
+template <typename T>
+void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& req_to_token,
+                           const torch::Tensor& rows, const torch::Tensor& lens, const torch::Tensor& out) {
   const int64_t B = q.size(0), n_q = q.size(1), d = q.size(2);
   const int64_t n_kv = cache.size(0) / 2, pool = cache.size(1), max_len = req_to_token.size(1);
-  TORCH_CHECK(cache.size(2) == d && n_q % n_kv == 0, "decode_attention: head shapes disagree");
   const int64_t g = n_q / n_kv;
-  auto out = torch::empty({B, n_q, d}, q.options());
   const float* qp = q.data_ptr<float>();
   const int64_t q_stride = q.stride(0);
-  const float* cp = cache.data_ptr<float>();
+  const T* cp = cache.data_ptr<T>();
   const int64_t* table = req_to_token.data_ptr<int64_t>();
   const int64_t* row = rows.contiguous().data_ptr<int64_t>();
   const int64_t* len = lens.contiguous().data_ptr<int64_t>();
@@ -219,13 +226,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cach
       const int64_t b = t / n_kv, h = t % n_kv, L = len[b];
       TORCH_CHECK(L >= 1 && L <= max_len, "decode_attention: length out of range");
       const int64_t* slots = table + row[b] * max_len;
-      const float* keys = cp + h * pool * d;
-      const float* values = cp + (n_kv + h) * pool * d;
+      const T* keys = cp + h * pool * d;
+      const T* values = cp + (n_kv + h) * pool * d;
       const float* qh = qp + b * q_stride + h * g * d;
       float* oh = op + (b * n_q + h * g) * d;
       scores.resize(g * L);
       for (int64_t l = 0; l < L; ++l) {
-        const float* k = keys + slots[l] * d;
+        const T* k = keys + slots[l] * d;
         for (int64_t j = 0; j < g; ++j) scores[j * L + l] = dot(qh + j * d, k, d);
       }
       for (int64_t j = 0; j < g; ++j) {
@@ -247,9 +254,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cach
           __m256 acc[8];
           for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
           for (l = 0; l < L; ++l) {
-            const float* v = values + slots[l] * d;
+            const T* v = values + slots[l] * d;
             const __m256 p = _mm256_set1_ps(s[l]);
-            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), acc[i]);
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(p, load8(v + 8 * i), acc[i]);
           }
           for (int i = 0; i < 8; ++i) _mm256_storeu_ps(oh + j * d + 8 * i, acc[i]);
         } else {
@@ -259,22 +266,37 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cach
       }
     }
   });
+}
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& req_to_token,
+                               const torch::Tensor& rows, const torch::Tensor& lens) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be float32 [B, n_q, d], rows contiguous");
+  check_cache(cache);
+  TORCH_CHECK(req_to_token.scalar_type() == torch::kInt64 && req_to_token.is_contiguous(), "req_to_token must be contiguous int64");
+  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && lens.scalar_type() == torch::kInt64, "rows and lens must be int64");
+  TORCH_CHECK(cache.size(2) == q.size(2) && q.size(1) % (cache.size(0) / 2) == 0, "decode_attention: head shapes disagree");
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (cache.scalar_type() == torch::kHalf) decode_attention_impl<at::Half>(q, cache, req_to_token, rows, lens, out);
+  else decode_attention_impl<float>(q, cache, req_to_token, rows, lens, out);
   return out;
 }
 
 // ---- RoPE and the cache write ----------------------------------------------------------------------
 // qkv [T, n_q + 2*n_kv, d] in pair layout (see model.pair_layout); rope [T, d/2, 2] cos and sin of each
-// token's position. Rotates the query and key heads in place, then copies keys and values to their slots.
+// token's position. Rotates the query and key heads in place, then copies keys and values to their slots
+// (rounded to float16 when the cache is: engine.kv_cache_dtype).
 void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch::Tensor& cache, const torch::Tensor& slots, int64_t n_q) {
   check_f32(qkv, "qkv");
   check_f32(rope, "rope");
-  check_f32(cache, "cache");
+  check_cache(cache);
   TORCH_CHECK(slots.scalar_type() == torch::kInt64, "slots must be int64");
   const int64_t T = qkv.size(0), heads = qkv.size(1), d = qkv.size(2), n_kv = (heads - n_q) / 2, pool = cache.size(1);
   TORCH_CHECK(cache.size(0) == 2 * n_kv && cache.size(2) == d && rope.size(0) == T && rope.numel() == T * d, "rope_store: shapes disagree");
   float* x = qkv.data_ptr<float>();
   const float* cs = rope.data_ptr<float>();
-  float* cp = cache.data_ptr<float>();
+  const bool half = cache.scalar_type() == torch::kHalf;
+  float* cf = half ? nullptr : cache.data_ptr<float>();
+  at::Half* ch = half ? cache.data_ptr<at::Half>() : nullptr;
   auto slot_t = slots.contiguous();
   const int64_t* slot = slot_t.data_ptr<int64_t>();
   parallel_chunks(T, 64, [&](int64_t t0, int64_t t1) {
@@ -289,8 +311,12 @@ void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch
           p[2 * i + 1] = a * si + b * co;
         }
       }
-      for (int64_t h = 0; h < 2 * n_kv; ++h)
-        std::copy_n(x + (t * heads + n_q + h) * d, d, cp + (h * pool + slot[t]) * d);
+      for (int64_t h = 0; h < 2 * n_kv; ++h) {
+        const float* src = x + (t * heads + n_q + h) * d;
+        const int64_t at = (h * pool + slot[t]) * d;
+        if (half) std::transform(src, src + d, ch + at, [](float v) { return at::Half(v); });
+        else std::copy_n(src, d, cf + at);
+      }
     }
   });
 }

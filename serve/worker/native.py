@@ -2,7 +2,7 @@
 
 Compiled once per machine, torch version and source (~40 s here), into ~/.cache/serve/native; later
 loads take milliseconds. `make setup` builds it ahead so that no server start waits for the compiler.
-Where there is no compiler or no AVX2/FMA, `load()` returns None and the model runs on plain torch ops.
+Where there is no compiler or no AVX2/FMA/F16C, `load()` returns None and the model runs on plain torch ops.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def cpu_supported() -> bool:
         flags = open("/proc/cpuinfo").read().split()
     except OSError:
         return False
-    return "avx2" in flags and "fma" in flags
+    return {"avx2", "fma", "f16c"} <= set(flags)
 
 
 def build_dir() -> Path:
@@ -52,7 +52,7 @@ def load() -> ModuleType | None:
             folder.mkdir(parents=True, exist_ok=True)
             module = load_extension(
                 name="serve_native", sources=[str(SOURCE)], build_directory=str(folder),
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
             )
         except Exception as e:  # no compiler, or it failed: say so once and run on torch ops
             log.warning("CPU kernels unavailable (%s); running on plain torch ops", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)

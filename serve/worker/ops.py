@@ -43,7 +43,7 @@ class TorchOps:
             torch.mul(torch.view_as_complex(pairs), rope, out=torch.view_as_complex(pairs))
         else:
             torch.addcmul(qk * rope[0], pairs.flip(-1).flatten(-2), rope[1], out=qk)  # flip copies: no aliasing
-        cache.index_copy_(1, slots, qkv[:, n_q:].transpose(0, 1))
+        cache.index_copy_(1, slots, qkv[:, n_q:].transpose(0, 1).to(cache.dtype))
 
     def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, dec) -> torch.Tensor:
         """q [B, n_q, d] (pre-scaled) against each request's cached keys and values -> [B, n_q * d].
@@ -53,7 +53,7 @@ class TorchOps:
         query blocks), and no slower at batch 1."""
         B, n_q, d = q.shape
         n_kv, L = cache.shape[0] // 2, dec.L
-        kv = torch.index_select(cache.view(-1, d), 0, dec.gather, out=dec.kv_buf).view(2 * n_kv, B, L, d)
+        kv = torch.index_select(cache.view(-1, d), 0, dec.gather, out=dec.kv_buf).view(2 * n_kv, B, L, d).to(q.dtype)
         g = n_q // n_kv
         qg = q.reshape(B, n_kv, g, d).transpose(0, 1).reshape(n_kv * B, g, d)
         keys, values = kv[:n_kv].view(n_kv * B, L, d), kv[n_kv:].view(n_kv * B, L, d)
