@@ -30,12 +30,15 @@ from tests.server import Server  # the same launcher wrapper the tests use
 PROMPT_TOKENS = 64  # engine-only runs
 SERVED_PROMPT_TOKENS = 20  # served runs: prompts of this many tokens, from `serve bench`
 
-def load_engine_model(folder: str, dtype_name: str, quantization: str):
+def load_engine_model(folder: str, dtype_name: str, quantization: str, cpu_kernels: bool = True):
     from serve.device import place
     from serve.worker.model import Model
 
     placement = place(0, dtype_name)
-    return Model(folder, 0, 1, placement.dtype, placement.device, quantization)
+    return Model(folder, 0, 1, placement.dtype, placement.device, quantization, cpu_kernels=cpu_kernels)
+
+
+KV_DTYPE = None  # --kv-cache-dtype float16 sets torch.float16 for the engine-only runs
 
 
 def engine_step_ms(model, B: int, steps: int, repeats: int = 3) -> float:
@@ -44,7 +47,7 @@ def engine_step_ms(model, B: int, steps: int, repeats: int = 3) -> float:
     from serve.worker.offline import OfflineRunner
 
     max_len = PROMPT_TOKENS + (repeats + 1) * steps + 16
-    engine = Engine(model, B * max_len, B, max_len)
+    engine = Engine(model, B * max_len, B, max_len, kv_dtype=KV_DTYPE)
     runner = OfflineRunner(engine, max_len)
     prompts = [[(7 * b + i) % 1000 + 100 for i in range(PROMPT_TOKENS)] for b in range(B)]
     out = runner.generate(prompts, steps // 2)  # prefill + warm-up
@@ -125,6 +128,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default="none", choices=["none", "int8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16"])
+    p.add_argument("--no-cpu-kernels", action="store_true", help="plain torch ops (the engine before serve/worker/csrc/)")
     p.add_argument("--concurrency", default="1,8,16,32,64")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
@@ -134,10 +139,17 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     folder = model_dir()
 
-    flags = ["--config", CONFIG, "--dtype", args.dtype, "--quantization", args.quantization]
-    report: dict = {"quantization": args.quantization, "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    flags = ["--config", CONFIG, "--dtype", args.dtype, "--quantization", args.quantization, "--kv-cache-dtype", args.kv_cache_dtype]
+    if args.no_cpu_kernels:
+        flags.append("--no-cpu-kernels")
+    global KV_DTYPE
+    if args.kv_cache_dtype == "float16":
+        import torch
+
+        KV_DTYPE = torch.float16
+    report: dict = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "cpu_kernels": not args.no_cpu_kernels, "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                 "python": platform.python_version()}, "model": "SmolLM2-135M-Instruct"}
-    model = load_engine_model(folder, args.dtype, args.quantization)
+    model = load_engine_model(folder, args.dtype, args.quantization, not args.no_cpu_kernels)
     report["engine"] = engine_steps(model, levels, args.steps)
     dtype = report["engine"]["dtype"]
     if args.hf:
@@ -157,7 +169,8 @@ def main() -> None:
     print(json.dumps(report["overlap"]), flush=True)
 
     print()
-    print(f"SmolLM2-135M-Instruct, {dtype}, quantization {args.quantization}, {report['machine']['cores']} cores")
+    print(f"SmolLM2-135M-Instruct, {dtype}, quantization {args.quantization}, KV cache {args.kv_cache_dtype}, "
+          f"{'plain torch ops' if args.no_cpu_kernels else 'our CPU kernels'}, {report['machine']['cores']} cores")
     print("| batch / concurrency | engine step (ms) | engine tok/s | " + ("HF step (ms) | HF tok/s | " if args.hf else "")
           + "served TTFT p50 (ms) | served ITL p50 (ms) | served decode tok/s | served output tok/s |")
     print("|---|---|---|" + ("---|---|" if args.hf else "") + "---|---|---|---|")

@@ -55,7 +55,7 @@ class EngineConfig:
     # Worker threads per rank; 0 means cores / tp.
     threads_per_rank: int = 0
     # float32 on CPU: run the layers' small ops, decode attention and (with int8) few-row matmuls as our
-    # fused kernels (serve/worker/native.cpp, compiled once per machine). false: plain torch ops.
+    # fused kernels (serve/worker/csrc/, compiled once per machine). false: plain torch ops.
     cpu_kernels: bool = True
     # The KV cache's dtype: auto (the model's) or float16, which halves its memory and the bytes decode
     # attention reads each step (llama.cpp's default cache type). Outputs drift slightly from auto's.

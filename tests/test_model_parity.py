@@ -28,7 +28,7 @@ def build_hf(folder, tie: bool, seed: int = 0):
     return random_llama(folder, seed, vocab_size=VOCAB, max_position_embeddings=MAX_LEN, tie_word_embeddings=tie, pad_token_id=0)
 
 
-# float32 on CPU runs on our kernels (serve/worker/native.cpp) by default; "torch-ops" is the plain-torch
+# float32 on CPU runs on our kernels (serve/worker/csrc/) by default; "torch-ops" is the plain-torch
 # form of the same forward (other dtypes, CUDA, engine.cpu_kernels: false), checked against HF too.
 @pytest.fixture(scope="module", params=[(True, True), (False, True), (True, False)], ids=["tied", "untied", "tied-torch-ops"])
 def models(request, tmp_path_factory):

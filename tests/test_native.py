@@ -1,4 +1,4 @@
-"""Our CPU kernels (serve/worker/native.cpp) against plain torch, one kernel at a time.
+"""Our CPU kernels (serve/worker/csrc/) against plain torch, one kernel at a time.
 
 The model-level checks (logits within 1e-4 of transformers, greedy tokens) run through these kernels in
 tests/test_model_parity.py and test_model_families.py; here each kernel meets odd shapes, strided inputs

@@ -31,7 +31,7 @@ class Linear:
 class Int8Linear:
     """The opt-in `quantization: int8` (CPU, float32 only): weights quantized per output channel once.
 
-    Up to 4 rows (a decode step of a few streams) go through our kernel (native.cpp `int8_linear`, when it
+    Up to 4 rows (a decode step of a few streams) go through our kernel (csrc/int8_linear.cpp, when it
     is built), which streams the int8 weights at about twice fbgemm's rate here: SmolLM2's weight matmuls
     at batch 1 take ~7 ms instead of ~14. More rows go through fbgemm's dynamic int8 linear, whose
     vpmaddubsw GEMM wins once there are enough rows to reuse each weight. Both round the activations to

@@ -1,4 +1,4 @@
-"""Builds and loads our CPU kernels (native.cpp) with torch's C++ extension tooling.
+"""Builds and loads our CPU kernels (serve/worker/csrc/) with torch's C++ extension tooling.
 
 Compiled once per machine, torch version and source (~40 s here), into ~/.cache/serve/native; later
 loads take milliseconds. `make setup` builds it ahead so that no server start waits for the compiler.
@@ -16,7 +16,8 @@ from types import ModuleType
 
 log = logging.getLogger("serve.worker")
 
-SOURCE = Path(__file__).with_name("native.cpp")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = sorted(CSRC.glob("*.cpp"))
 _loaded: dict[str, ModuleType | None] = {}
 
 
@@ -31,7 +32,8 @@ def cpu_supported() -> bool:
 def build_dir() -> Path:
     import torch
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    code = b"".join(path.read_bytes() for path in sorted(CSRC.iterdir()) if path.suffix in (".cpp", ".h"))
+    digest = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("SERVE_CACHE", Path.home() / ".cache" / "serve"))
     return root / "native" / digest
 
@@ -51,7 +53,7 @@ def load() -> ModuleType | None:
             folder = build_dir()
             folder.mkdir(parents=True, exist_ok=True)
             module = load_extension(
-                name="serve_native", sources=[str(SOURCE)], build_directory=str(folder),
+                name="serve_native", sources=[str(p) for p in SOURCES], build_directory=str(folder),
                 extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
             )
         except Exception as e:  # no compiler, or it failed: say so once and run on torch ops

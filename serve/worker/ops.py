@@ -1,7 +1,7 @@
 """The small per-layer operations of the forward, in two interchangeable forms.
 
 `TorchOps` is plain torch: any device, any dtype. `NativeOps` runs the same operations as our fused CPU
-kernels (native.cpp) and is used for float32 on CPU when they are built: at batch 1 the torch form is
+kernels (csrc/) and is used for float32 on CPU when they are built: at batch 1 the torch form is
 ~20 ops of 5-40 us each per layer, more than the layer's matmuls. Model.forward calls one `ops` object and
 does not know which it has.
 """
@@ -9,9 +9,13 @@ does not know which it has.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from serve.worker.model import DecodeView
 
 
 class TorchOps:
@@ -45,7 +49,7 @@ class TorchOps:
             torch.addcmul(qk * rope[0], pairs.flip(-1).flatten(-2), rope[1], out=qk)  # flip copies: no aliasing
         cache.index_copy_(1, slots, qkv[:, n_q:].transpose(0, 1).to(cache.dtype))
 
-    def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, dec) -> torch.Tensor:
+    def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, dec: DecodeView) -> torch.Tensor:
         """q [B, n_q, d] (pre-scaled) against each request's cached keys and values -> [B, n_q * d].
 
         Batched matmuls over (kv head, request), each kv head shared by its group of query heads without
@@ -86,6 +90,6 @@ class NativeOps(TorchOps):
     def rope_store(self, qkv: torch.Tensor, rope: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, n_q: int) -> None:
         self.k.rope_store(qkv, rope, cache, slots, n_q)
 
-    def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, dec) -> torch.Tensor:
+    def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, dec: DecodeView) -> torch.Tensor:
         B = q.shape[0]
         return self.k.decode_attention(q, cache, dec.table, dec.rows, dec.lens).view(B, -1)
