@@ -19,8 +19,45 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w, const 
 
 // ---- attention for decodes -------------------------------------------------------------------------
 // q [B, n_q, d] (already scaled by 1/sqrt(d); rows may be strided, as a slice of qkv); cache [2*n_kv,
-// pool, d], keys then values; the keys of request b are at slots req_to_token[rows[b], 0:lens[b]]. One task per (request, kv head): each cached
-// key and value row is loaded once for the whole group of query heads that share it.
+// pool, d], keys then values; the keys of request b are at slots req_to_token[rows[b], 0:lens[b]]. One
+// task per (request, kv head): each cached key and value row is read once (and widened from float16
+// once) for the whole group of query heads that share it.
+
+// Rows are scattered over the pool (each step gives every request the next free slot), so the hardware
+// prefetcher cannot guess the next one; we can, from the slot list. Measured here at 32 streams of 150
+// tokens with a float16 cache: 12-13 ms of attention per step with, 15 without (float32: no change).
+constexpr int64_t AHEAD = 8;
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t d) {
+  for (int64_t o = 0; o < d * static_cast<int64_t>(sizeof(T)); o += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + o, _MM_HINT_T0);
+}
+
+// out[j] = sum over l of p[j][l] * V[l] for JN query heads, 32 columns at a time (JN * 4 accumulators
+// and 4 value registers fit AVX2's 16).
+template <int JN, typename T>
+inline void weighted_values(const float* p, int64_t L, const int64_t* slots, const T* values, int64_t d, float* out) {
+  for (int64_t c = 0; c < d; c += 32) {
+    __m256 acc[JN][4];
+    for (int j = 0; j < JN; ++j)
+      for (int i = 0; i < 4; ++i) acc[j][i] = _mm256_setzero_ps();
+    for (int64_t l = 0; l < L; ++l) {
+      if (c == 0 && l + AHEAD < L) prefetch_row(values + slots[l + AHEAD] * d, d);
+      const T* v = values + slots[l] * d + c;
+      const __m256 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
+      for (int j = 0; j < JN; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j * L + l]);
+        acc[j][0] = _mm256_fmadd_ps(pj, v0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(pj, v1, acc[j][1]);
+        acc[j][2] = _mm256_fmadd_ps(pj, v2, acc[j][2]);
+        acc[j][3] = _mm256_fmadd_ps(pj, v3, acc[j][3]);
+      }
+    }
+    for (int j = 0; j < JN; ++j)
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + j * d + c + 8 * i, acc[j][i]);
+  }
+}
+
 template <typename T>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& req_to_token,
                            const torch::Tensor& rows, const torch::Tensor& lens, const torch::Tensor& out) {
@@ -46,8 +83,20 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& cache, c
       float* oh = op + (b * n_q + h * g) * d;
       scores.resize(g * L);
       for (int64_t l = 0; l < L; ++l) {
+        if (l + AHEAD < L) prefetch_row(keys + slots[l + AHEAD] * d, d);
         const T* k = keys + slots[l] * d;
-        for (int64_t j = 0; j < g; ++j) scores[j * L + l] = dot(qh + j * d, k, d);
+        if (d == 64) {  // the common head size: the key row widened once into registers
+          __m256 kv[8];
+          for (int i = 0; i < 8; ++i) kv[i] = load8(k + 8 * i);
+          for (int64_t j = 0; j < g; ++j) {
+            const float* qj = qh + j * d;
+            __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qj), kv[0]);
+            for (int i = 1; i < 8; ++i) a = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 8 * i), kv[i], a);
+            scores[j * L + l] = hsum(a);
+          }
+        } else {
+          for (int64_t j = 0; j < g; ++j) scores[j * L + l] = dot(qh + j * d, k, d);
+        }
       }
       for (int64_t j = 0; j < g; ++j) {
         float* s = scores.data() + j * L;
@@ -64,19 +113,20 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& cache, c
         for (; l < L; ++l) sum += (s[l] = std::exp(s[l] - mx));
         const float inv = 1.f / sum;
         for (l = 0; l < L; ++l) s[l] *= inv;
-        if (d == 64) {  // the common head size: the output row stays in registers over all L values
-          __m256 acc[8];
-          for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-          for (l = 0; l < L; ++l) {
-            const T* v = values + slots[l] * d;
-            const __m256 p = _mm256_set1_ps(s[l]);
-            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(p, load8(v + 8 * i), acc[i]);
+      }
+      if (d % 32 == 0) {
+        for (int64_t j = 0; j < g; j += 3) {
+          const float* p = scores.data() + j * L;
+          switch (std::min<int64_t>(3, g - j)) {
+            case 1: weighted_values<1>(p, L, slots, values, d, oh + j * d); break;
+            case 2: weighted_values<2>(p, L, slots, values, d, oh + j * d); break;
+            default: weighted_values<3>(p, L, slots, values, d, oh + j * d); break;
           }
-          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(oh + j * d + 8 * i, acc[i]);
-        } else {
-          std::fill(oh + j * d, oh + (j + 1) * d, 0.f);
-          for (l = 0; l < L; ++l) axpy(s[l], values + slots[l] * d, oh + j * d, d);
         }
+      } else {
+        std::fill(oh, oh + g * d, 0.f);
+        for (int64_t j = 0; j < g; ++j)
+          for (int64_t l = 0; l < L; ++l) axpy(scores[j * L + l], values + slots[l] * d, oh + j * d, d);
       }
     }
   });
@@ -128,8 +178,14 @@ void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch
       for (int64_t h = 0; h < 2 * n_kv; ++h) {
         const float* src = x + (t * heads + n_q + h) * d;
         const int64_t at = (h * pool + slot[t]) * d;
-        if (half) std::transform(src, src + d, ch + at, [](float v) { return at::Half(v); });
-        else std::copy_n(src, d, cf + at);
+        if (!half) {
+          std::copy_n(src, d, cf + at);
+          continue;
+        }
+        int64_t i = 0;
+        for (; i + 8 <= d; i += 8)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(ch + at + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+        for (; i < d; ++i) ch[at + i] = at::Half(src[i]);
       }
     }
   });
