@@ -7,6 +7,7 @@ Where there is no compiler or no AVX2/FMA/F16C, `load()` returns None and the mo
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -52,10 +53,16 @@ def load() -> ModuleType | None:
 
             folder = build_dir()
             folder.mkdir(parents=True, exist_ok=True)
-            module = load_extension(
-                name="serve_native", sources=[str(p) for p in SOURCES], build_directory=str(folder),
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
-            )
+            # Our own lock, which the kernel drops when its holder dies: two ranks starting together build
+            # once. torch's lock file is only removed by a clean exit, so one left by a build that was
+            # killed (a stopped server) would make every later start wait for it forever.
+            with open(folder / "serve.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                (folder / "lock").unlink(missing_ok=True)
+                module = load_extension(
+                    name="serve_native", sources=[str(p) for p in SOURCES], build_directory=str(folder),
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
+                )
         except Exception as e:  # no compiler, or it failed: say so once and run on torch ops
             log.warning("CPU kernels unavailable (%s); running on plain torch ops", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
     _loaded["module"] = module

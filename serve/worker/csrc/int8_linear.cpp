@@ -90,13 +90,14 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w, const 
   TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.dim() == 2, "w must be a contiguous [N, K] int8 tensor");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(x.dim() == 2 && w.size(1) == K && K % QBLOCK == 0, "int8_linear: shapes [M, K] x [N, K] with K a multiple of 32");
-  TORCH_CHECK(M >= 1 && M <= 4, "int8_linear takes 1 to 4 rows (more go to fbgemm)");
+  TORCH_CHECK(M <= 4, "int8_linear takes 1 to 4 rows (more go to fbgemm)");
   const float* b = nullptr;
   if (bias) {
     check_f32(*bias, "bias");
     b = bias->data_ptr<float>();
   }
   auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();

@@ -68,15 +68,18 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& cache, c
   const int64_t q_stride = q.stride(0);
   const T* cp = cache.data_ptr<T>();
   const int64_t* table = req_to_token.data_ptr<int64_t>();
-  const int64_t* row = rows.contiguous().data_ptr<int64_t>();
-  const int64_t* len = lens.contiguous().data_ptr<int64_t>();
+  const auto rows_c = rows.contiguous(), lens_c = lens.contiguous();  // held: their data outlive the loop
+  const int64_t* row = rows_c.data_ptr<int64_t>();
+  const int64_t* len = lens_c.data_ptr<int64_t>();
+  const int64_t table_rows = req_to_token.size(0);
   float* op = out.data_ptr<float>();
   parallel_chunks(B * n_kv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / n_kv, h = t % n_kv, L = len[b];
-      TORCH_CHECK(L >= 1 && L <= max_len, "decode_attention: length out of range");
+      TORCH_CHECK(L >= 1 && L <= max_len && row[b] >= 0 && row[b] < table_rows, "decode_attention: row or length out of range");
       const int64_t* slots = table + row[b] * max_len;
+      for (int64_t l = 0; l < L; ++l) TORCH_CHECK(slots[l] >= 0 && slots[l] < pool, "decode_attention: slot out of range");
       const T* keys = cp + h * pool * d;
       const T* values = cp + (n_kv + h) * pool * d;
       const float* qh = qp + b * q_stride + h * g * d;
@@ -134,7 +137,9 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& cache, c
 
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& req_to_token,
                                const torch::Tensor& rows, const torch::Tensor& lens) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be float32 [B, n_q, d], rows contiguous");
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
+              "q must be a float32 CPU tensor [B, n_q, d], rows contiguous");
+  TORCH_CHECK(rows.numel() == q.size(0) && lens.numel() == q.size(0), "decode_attention: one row and one length per query");
   check_cache(cache);
   TORCH_CHECK(req_to_token.scalar_type() == torch::kInt64 && req_to_token.is_contiguous(), "req_to_token must be contiguous int64");
   TORCH_CHECK(rows.scalar_type() == torch::kInt64 && lens.scalar_type() == torch::kInt64, "rows and lens must be int64");
@@ -155,7 +160,8 @@ void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch
   check_cache(cache);
   TORCH_CHECK(slots.scalar_type() == torch::kInt64, "slots must be int64");
   const int64_t T = qkv.size(0), heads = qkv.size(1), d = qkv.size(2), n_kv = (heads - n_q) / 2, pool = cache.size(1);
-  TORCH_CHECK(cache.size(0) == 2 * n_kv && cache.size(2) == d && rope.size(0) == T && rope.numel() == T * d, "rope_store: shapes disagree");
+  TORCH_CHECK(cache.size(0) == 2 * n_kv && cache.size(2) == d && rope.size(0) == T && rope.numel() == T * d && slots.numel() == T,
+              "rope_store: shapes disagree");
   float* x = qkv.data_ptr<float>();
   const float* cs = rope.data_ptr<float>();
   const bool half = cache.scalar_type() == torch::kHalf;
@@ -220,7 +226,8 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 torch::Tensor add_rms_norm(const torch::Tensor& h, const torch::Tensor& delta, const torch::Tensor& w, double eps) {
   check_f32(h, "h");
   check_f32(delta, "delta");
-  TORCH_CHECK(h.sizes() == delta.sizes(), "add_rms_norm: shapes disagree");
+  check_f32(w, "weight");
+  TORCH_CHECK(h.sizes() == delta.sizes() && h.size(-1) == w.numel(), "add_rms_norm: shapes disagree");
   const int64_t n = w.numel(), rows = h.numel() / n;
   auto out = torch::empty_like(h);
   float* hp = h.data_ptr<float>();
@@ -241,6 +248,7 @@ torch::Tensor add_rms_norm(const torch::Tensor& h, const torch::Tensor& delta, c
 // gate_up [T, 2F] -> silu(gate) * up [T, F]
 torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   check_f32(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: gate_up must be [T, 2F]");
   const int64_t T = gate_up.size(0), F = gate_up.size(1) / 2;
   auto out = torch::empty({T, F}, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();
