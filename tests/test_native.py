@@ -123,8 +123,8 @@ def test_norms_and_silu_mul(k, shape):
 def test_without_a_compiler_the_model_runs_on_torch_ops(tmp_path, monkeypatch):
     # A machine with no C++ compiler gets a warning and plain torch ops, not a failed start. The build
     # folder also holds the lock file of a build that was killed: it must not make the start wait forever.
-    env = {**os.environ, "SERVE_CACHE": str(tmp_path), "CXX": "/bin/false"}
-    monkeypatch.setenv("SERVE_CACHE", str(tmp_path))
+    env = {**os.environ, "SERVE_CACHE_DIR": str(tmp_path), "CXX": "/bin/false"}
+    monkeypatch.setenv("SERVE_CACHE_DIR", str(tmp_path))
     native.build_dir().mkdir(parents=True)
     (native.build_dir() / "lock").touch()
     code = "from serve.worker import native; print('kernels:', native.load())"

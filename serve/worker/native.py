@@ -1,6 +1,6 @@
 """Builds and loads our CPU kernels (serve/worker/csrc/) with torch's C++ extension tooling.
 
-Compiled once per machine, torch version and source (~40 s here), into ~/.cache/serve/native; later
+Compiled once per machine, torch version and source (~40 s here), into ~/.cache/serve/native ($SERVE_CACHE_DIR/native); later
 loads take milliseconds. `make setup` builds it ahead so that no server start waits for the compiler.
 Where there is no compiler or no AVX2/FMA/F16C, `load()` returns None and the model runs on plain torch ops.
 """
@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from serve.model_files import cache_root
 
 log = logging.getLogger("serve.worker")
 
@@ -35,8 +37,7 @@ def build_dir() -> Path:
 
     code = b"".join(path.read_bytes() for path in sorted(CSRC.iterdir()) if path.suffix in (".cpp", ".h"))
     digest = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:12]
-    root = Path(os.environ.get("SERVE_CACHE", Path.home() / ".cache" / "serve"))
-    return root / "native" / digest
+    return cache_root() / "native" / digest
 
 
 def load() -> ModuleType | None:
