@@ -1,13 +1,15 @@
 """Builds and loads our CPU kernels (serve/worker/csrc/) with torch's C++ extension tooling.
 
-Compiled once per machine, torch version and source (~40 s here), into ~/.cache/serve/native ($SERVE_CACHE_DIR/native); later
-loads take milliseconds. `make setup` builds it ahead so that no server start waits for the compiler.
+Compiled once per machine, torch version and source (~40 s here), into ~/.cache/serve/native (under
+$SERVE_CACHE_DIR when set); later loads take milliseconds. `make native` (a step of `make serve` and
+`make test`) builds them ahead, so that no server start waits for the compiler.
 Where there is no compiler or no AVX2/FMA/F16C, `load()` returns None and the model runs on plain torch ops.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -21,7 +23,6 @@ log = logging.getLogger("serve.worker")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = sorted(CSRC.glob("*.cpp"))
-_loaded: dict[str, ModuleType | None] = {}
 
 
 def cpu_supported() -> bool:
@@ -40,10 +41,9 @@ def build_dir() -> Path:
     return cache_root() / "native" / digest
 
 
+@functools.cache
 def load() -> ModuleType | None:
     """The compiled kernels, building them first if needed; None where they cannot run here."""
-    if "module" in _loaded:
-        return _loaded["module"]
     module = None
     if cpu_supported():
         try:
@@ -66,11 +66,10 @@ def load() -> ModuleType | None:
                 )
         except Exception as e:  # no compiler, or it failed: say so once and run on torch ops
             log.warning("CPU kernels unavailable (%s); running on plain torch ops", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-    _loaded["module"] = module
     return module
 
 
-if __name__ == "__main__":  # `python -m serve.worker.native`: build ahead (make setup does)
+if __name__ == "__main__":  # `python -m serve.worker.native`: build ahead (make native does)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ok = load() is not None
     print(f"serve CPU kernels: {'built in ' + str(build_dir()) if ok else 'not available, plain torch ops will be used'}")
