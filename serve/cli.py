@@ -7,6 +7,7 @@ import os
 import sys
 
 from serve.config import ConfigError, apply_overrides, load_config, parse_settings
+from serve.isa import LEVELS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--no-overlap", action="store_const", const=False, dest="overlap", help="plan each step only after the last one ends")
     launch.add_argument("--kv-cache-dtype", choices=["auto", "float16"], help="float16 halves the KV cache (auto: the model's dtype)")
     launch.add_argument("--no-cpu-kernels", action="store_const", const=False, dest="cpu_kernels", help="plain torch ops instead of our CPU kernels")
+    launch.add_argument("--cpu-isa", choices=["auto", *LEVELS], help="cap the CPU instruction set our kernels and oneDNN use (auto: the best here)")
     launch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     launch.add_argument("--log-requests", action="store_const", const=True, help="log a line per finished request")
     launch.add_argument("--api-key", help="require this Bearer key on /v1/* and the other endpoints (not /health); default $SERVE_API_KEY")
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine.kv_pool_tokens": args.kv_pool_tokens, "server.log_level": args.log_level, "server.log_requests": args.log_requests,
             "engine.chunked_prefill_tokens": args.chunked_prefill_tokens, "engine.prefix_cache": args.prefix_cache,
             "engine.overlap": args.overlap, "engine.cpu_kernels": args.cpu_kernels, "engine.kv_cache_dtype": args.kv_cache_dtype,
+            "engine.cpu_isa": args.cpu_isa,
             "server.api_key": args.api_key or os.environ.get("SERVE_API_KEY"),
             **parse_settings(args.set),
         })

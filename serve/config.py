@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from serve import isa
+
 
 class ConfigError(Exception):
     """A problem the user can fix; the CLI prints it as one line and exits with code 2."""
@@ -60,6 +62,10 @@ class EngineConfig:
     # The KV cache's dtype: auto (the model's) or float16, which halves its memory and the bytes decode
     # attention reads each step (llama.cpp's default cache type). Outputs drift slightly from auto's.
     kv_cache_dtype: str = "auto"
+    # The highest x86 instruction-set level our kernels and oneDNN may use (serve/isa.py): auto (this CPU's
+    # best, or $SERVE_CPU_ISA when set), avx2, avx_vnni, avx512, avx512_bf16 or amx. A lower one runs
+    # the paths of an older CPU here: dtype auto then sees no native bfloat16 below avx512_bf16.
+    cpu_isa: str = "auto"
 
 
 @dataclass
@@ -161,9 +167,14 @@ def validate(config: Config) -> None:
     if config.model.quantization not in ("none", "int8"):
         raise ConfigError(f"model.quantization must be none or int8, got {config.model.quantization!r}")
     if config.model.quantization == "int8" and config.model.dtype not in ("auto", "float32"):
-        raise ConfigError("model.quantization: int8 needs dtype float32 (or auto on a CPU without native bfloat16)")
+        raise ConfigError(f"model.quantization: int8 runs its activations in float32, so it needs dtype auto or float32, "
+                          f"not {config.model.dtype}; pass --dtype auto, or --quantization none to keep {config.model.dtype}")
     if config.engine.kv_cache_dtype not in ("auto", "float16"):
         raise ConfigError(f"engine.kv_cache_dtype must be auto or float16, got {config.engine.kv_cache_dtype!r}")
+    try:
+        isa.check(config.engine.cpu_isa)
+    except ValueError as e:
+        raise ConfigError(f"engine.{e}") from None
     if config.engine.tp < 1:
         raise ConfigError(f"engine.tp must be at least 1, got {config.engine.tp}")
     if not 0 < config.server.max_body_mb <= 32:

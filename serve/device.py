@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from serve import isa
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -17,15 +19,12 @@ class Placement:
     dtype: torch.dtype
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def cpu_has_native_bf16(cpu_isa: str = "auto") -> bool:
+    """Native bfloat16 dot products (avx512_bf16 or AMX), at the instruction-set level the worker may use."""
+    return isa.native_bf16(isa.chosen(cpu_isa))
 
 
-def place(rank: int, dtype: str) -> Placement:
+def place(rank: int, dtype: str, quantization: str = "none", cpu_isa: str = "auto") -> Placement:
     # The ranks of one server share a machine: their collectives' own TCP sockets stay on loopback
     # (gloo and NCCL otherwise pick the interface the host name resolves to). A user may override.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -36,9 +35,10 @@ def place(rank: int, dtype: str) -> Placement:
         backend = "nccl"
         native_bf16 = torch.cuda.is_bf16_supported()
     else:
-        device, backend, native_bf16 = torch.device("cpu"), "gloo", cpu_has_native_bf16()
+        device, backend, native_bf16 = torch.device("cpu"), "gloo", cpu_has_native_bf16(cpu_isa)
     if dtype == "auto":
-        resolved = torch.bfloat16 if native_bf16 else torch.float32
+        # int8 runs its activations in float32 (config.validate refuses it with a half dtype).
+        resolved = torch.bfloat16 if native_bf16 and quantization != "int8" else torch.float32
     else:
         resolved = DTYPES[dtype]
     return Placement(device, backend, resolved)

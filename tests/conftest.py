@@ -44,6 +44,14 @@ def tiny_server(tiny_model):
         yield server
 
 
+@pytest.fixture(scope="session")
+def long_server(long_model):
+    """A server of the 8k-context model, for streams that must still be running when a test acts on them
+    (the tiny model makes ~1,000 tokens a second, so a 512-token context can run out before an abort lands)."""
+    with Server("--model", str(long_model), "--served-name", TINY_NAME, "--dtype", "float32") as server:
+        yield server
+
+
 def our_servers() -> list[str]:
     """The server processes (pid and title) this test session started that are still running."""
     left = []

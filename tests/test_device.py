@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve import device
+from serve import device, isa
 from serve.device import DTYPES, Placement, place
 from serve.worker.engine import Engine
 from serve.worker.model import Model
@@ -28,21 +28,61 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])
 def test_auto_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch, native: bool) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda cpu_isa="auto": native)
     assert place(0, "auto") == Placement(CPU, "gloo", torch.bfloat16 if native else torch.float32)
+    # int8 keeps its activations in float32, whatever the CPU.
+    assert place(0, "auto", "int8") == Placement(CPU, "gloo", torch.float32)
 
 
-@pytest.mark.parametrize("flags, native", [
-    ("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True), (None, False),
-], ids=["avx512", "avx512_bf16", "amx", "no-proc"])
-def test_native_bf16_comes_from_the_cpu_flags(monkeypatch, flags: str | None, native: bool) -> None:
-    def cpuinfo(path: str, *args: Any) -> io.StringIO:
-        if flags is None:
-            raise OSError(path)  # not Linux
-        return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
+@pytest.fixture
+def cpu_flags(monkeypatch) -> Callable[[str | None], None]:
+    """Pretend this machine's /proc/cpuinfo lists these flags (None: there is none, as off Linux)."""
+    def pretend(flags: str | None) -> None:
+        def cpuinfo(path: str, *args: Any) -> io.StringIO:
+            if flags is None:
+                raise OSError(path)
+            return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
 
-    monkeypatch.setattr(device, "open", cpuinfo, raising=False)
-    assert device.cpu_has_native_bf16() is native
+        monkeypatch.setattr(isa, "open", cpuinfo, raising=False)
+        isa.available.cache_clear()
+
+    yield pretend
+    isa.available.cache_clear()
+
+
+ZEN3 = "fpu avx2 fma f16c"
+ZEN4 = ZEN3 + " avx512f avx512bw avx512vl avx512dq avx512_vnni avx512_bf16"
+ZEN5 = ZEN4 + " avx_vnni"
+SPR = ZEN5 + " amx_tile amx_int8 amx_bf16"
+
+
+@pytest.mark.parametrize("flags, levels", [
+    (ZEN3, ("avx2",)),
+    (ZEN4, ("avx2", "avx512", "avx512_bf16")),  # no avx_vnni: Zen 4 has only the EVEX form of VNNI
+    (ZEN5, ("avx2", "avx_vnni", "avx512", "avx512_bf16")),
+    (SPR, isa.LEVELS),
+    ("fpu sse4_2 avx", ()),
+    (None, ()),
+], ids=["zen3", "zen4", "zen5", "sapphire-rapids", "below-avx2", "no-proc"])
+def test_levels_come_from_the_cpu_flags(cpu_flags, flags: str | None, levels: tuple[str, ...]) -> None:
+    cpu_flags(flags)
+    assert isa.available() == levels
+    assert device.cpu_has_native_bf16() == ("avx512_bf16" in levels)
+
+
+def test_a_cap_runs_a_lower_level(cpu_flags, monkeypatch) -> None:
+    cpu_flags(ZEN5)
+    assert isa.chosen() == "avx512_bf16"
+    assert isa.chosen("avx2") == "avx2" and not device.cpu_has_native_bf16("avx2")
+    assert isa.chosen("amx") == "avx512_bf16"  # a cap above what the CPU has is no cap
+    monkeypatch.setenv(isa.ENV, "avx512")
+    assert isa.chosen() == "avx512" and not device.cpu_has_native_bf16()
+    assert isa.chosen("avx_vnni") == "avx_vnni"  # the config's setting wins over the environment
+    cpu_flags(ZEN4)
+    assert isa.chosen("avx_vnni") == "avx2"
+    monkeypatch.setenv(isa.ENV, "sse")
+    with pytest.raises(ValueError, match="cpu_isa must be auto or one of"):
+        isa.chosen()
 
 
 @pytest.mark.parametrize("name", ["auto", *DTYPES])

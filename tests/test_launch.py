@@ -105,12 +105,15 @@ def test_startup_timeout_names_who_was_not_ready(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("flags, dtype", [
     (["--dtype", "bfloat16"], "bfloat16"),
-    (["--dtype", "float16"], "float16"),
+    (["--dtype", "float16", "--kv-cache-dtype", "float16"], "float16"),
     (["--dtype", "auto"], "bfloat16" if cpu_has_native_bf16() else "float32"),
+    # int8 keeps float32 activations: auto resolves to float32 even where bfloat16 is native.
     (["--quantization", "int8"], "float32"),
     # A chunk alone in its step samples nothing: the int8 matmul of the LM head then has 0 rows.
-    (["--quantization", "int8", "--kv-cache-dtype", "float16", "--chunked-prefill-tokens", "16"], "float32"),
-], ids=["bfloat16", "float16", "auto", "int8", "int8-f16kv-chunked"])
+    (["--quantization", "int8", "--dtype", "float32", "--kv-cache-dtype", "float16", "--chunked-prefill-tokens", "16"], "float32"),
+    # The kernels of an AVX2-only CPU, on whatever CPU this is.
+    (["--quantization", "int8", "--cpu-isa", "avx2"], "float32"),
+], ids=["bfloat16", "float16-f16kv", "auto", "int8", "int8-f16kv-chunked", "int8-avx2"])
 def test_every_dtype_serves(tiny_model, flags, dtype):
     # What a user picks in the config is what the worker runs (its banner line says so), and it answers.
     with Server("--model", str(tiny_model), "--served-name", TINY_NAME, *flags) as server:
@@ -119,6 +122,8 @@ def test_every_dtype_serves(tiny_model, flags, dtype):
         if "int8" in flags:
             assert "quantization=int8" in worker_line
             assert f"ops={'native' if native.cpu_supported() else 'torch'}" in worker_line
+        if "--cpu-isa" in flags and native.cpu_supported():
+            assert "isa=avx2" in worker_line
         if "--kv-cache-dtype" in flags:
             assert "kv_dtype=float16" in worker_line
         for prompt in ("Once upon a time", "Once upon a time, " * 12):
@@ -127,6 +132,11 @@ def test_every_dtype_serves(tiny_model, flags, dtype):
             assert reply.usage.completion_tokens == 8 and reply.choices[0].text
 
 
-def test_int8_needs_float32(tiny_model):
-    result = launch("--model", str(tiny_model), "--quantization", "int8", "--dtype", "bfloat16")
-    assert result.returncode == 2 and "int8 needs dtype float32" in result.stderr
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_int8_with_a_half_dtype_is_refused_with_what_works(tiny_model, dtype):
+    result = launch("--model", str(tiny_model), "--quantization", "int8", "--dtype", dtype, "--kv-cache-dtype", "float16")
+    assert_one_line_error(result, "int8", "dtype auto or float32", "--quantization none")
+
+
+def test_an_unknown_cpu_isa_is_refused(tiny_model):
+    assert_one_line_error(launch("--model", str(tiny_model), "--set", "engine.cpu_isa=sse4"), "engine.cpu_isa", "avx2")

@@ -76,27 +76,26 @@ def test_metrics_count_a_request_in_every_family(tiny_server):
             after[("serve:zmq_hop_seconds_count", (("hop", hop),))]
 
 
-def test_gauges_follow_a_running_request_and_fall_back(long_model):
+def test_gauges_follow_a_running_request_and_fall_back(long_server):
     # The 8k-context model, so that the stream surely outlives the scrapes: the tiny 512-token model now
     # finishes 480 tokens in well under a second.
-    with Server("--model", str(long_model), "--served-name", TINY_NAME, "--dtype", "float32") as server:
-        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
-            "model": TINY_NAME, "prompt": "keep running", "max_tokens": 8000, "ignore_eos": True, "stream": True,
-        }) as r:
-            lines = r.iter_lines()
-            for _ in range(3):
-                next(lines)
-            deadline = time.monotonic() + 3  # the scheduler writes its gauges at the end of its loop turn
-            while (running := scrape(server))[("serve:num_requests_running", ())] != 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            stats = httpx.get(f"{server.url}/stats").json()
-        assert running[("serve:num_requests_running", ())] == 1, stats
-        assert 0 < running[("serve:kv_cache_usage_perc", ())] <= 1
-        deadline = time.monotonic() + 10  # the stream was closed: the request is aborted and freed
-        while (idle := scrape(server))[("serve:num_requests_running", ())] != 0:
-            assert time.monotonic() < deadline, "num_requests_running stayed at 1"
+    with httpx.stream("POST", f"{long_server.url}/v1/completions", timeout=60, json={
+        "model": TINY_NAME, "prompt": "keep running", "max_tokens": 8000, "ignore_eos": True, "stream": True,
+    }) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        deadline = time.monotonic() + 3  # the scheduler writes its gauges at the end of its loop turn
+        while (running := scrape(long_server))[("serve:num_requests_running", ())] != 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert idle[("serve:num_requests_waiting", ())] == 0 and idle[("serve:kv_cache_usage_perc", ())] == 0
+        stats = httpx.get(f"{long_server.url}/stats").json()
+    assert running[("serve:num_requests_running", ())] == 1, stats
+    assert 0 < running[("serve:kv_cache_usage_perc", ())] <= 1
+    deadline = time.monotonic() + 10  # the stream was closed: the request is aborted and freed
+    while (idle := scrape(long_server))[("serve:num_requests_running", ())] != 0:
+        assert time.monotonic() < deadline, "num_requests_running stayed at 1"
+        time.sleep(0.05)
+    assert idle[("serve:num_requests_waiting", ())] == 0 and idle[("serve:kv_cache_usage_perc", ())] == 0
 
 
 def test_prefix_cache_hit_rate_rises_on_a_repeated_prompt(tiny_server):

@@ -9,6 +9,7 @@ import time
 
 import zmq
 
+from serve import isa
 from serve.config import Config
 from serve.ipc import Endpoints, recv, send, socket
 from serve.messages import Hello, HelloAck, Shutdown, StepPlan, StepResult
@@ -24,6 +25,8 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     # pages. Decode attention reads cached rows scattered over the pool, and on 4 KB pages that is mostly
     # TLB misses: measured here, 32 streams' attention took 1.1 ms per layer on 4 KB pages, 0.86 on 2 MB.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    level = isa.chosen(config.engine.cpu_isa)
+    isa.cap_onednn(level)  # read by oneDNN when torch first uses it
     import torch
     import torch.distributed as dist
 
@@ -34,7 +37,7 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     tp = config.engine.tp
     threads = config.engine.threads_per_rank or max(1, (os.cpu_count() or 1) // tp)
     torch.set_num_threads(threads)
-    placement = place(rank, config.model.dtype)
+    placement = place(rank, config.model.dtype, config.model.quantization, config.engine.cpu_isa)
     if tp > 1:
         dist.init_process_group(placement.backend, init_method=eps.dist_init, rank=rank, world_size=tp)
     started = time.monotonic()
@@ -57,7 +60,7 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     results = socket(ctx, zmq.PUSH, eps.results, bind=False)
     reporter.ready(
         device=str(placement.device), dtype=str(placement.dtype).removeprefix("torch."), quantization=config.model.quantization,
-        ops="native" if model.ops.native else "torch",
+        ops="native" if model.ops.native else "torch", isa=level or "none",
         kv_dtype=str(kv_dtype).removeprefix("torch."), threads=threads,
         load_s=round(load_s, 1), kv_mb=engine.kv_bytes() // 2**20,
     )

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from serve import isa
 from serve.model_files import cache_root
 
 log = logging.getLogger("serve.worker")
@@ -26,11 +27,7 @@ SOURCES = sorted(CSRC.glob("*.cpp"))
 
 
 def cpu_supported() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
+    return bool(isa.available())  # our floor, avx2 + fma + f16c
 
 
 def build_dir() -> Path:
