@@ -36,7 +36,10 @@ def test_auto_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch, native: bool) -
 
 @pytest.fixture
 def cpu_flags(monkeypatch) -> Callable[[str | None], None]:
-    """Pretend this machine's /proc/cpuinfo lists these flags (None: there is none, as off Linux)."""
+    """Pretend this machine's /proc/cpuinfo lists these flags (None: there is none, as off Linux), with no
+    cap from the environment (the suite may run under SERVE_CPU_ISA)."""
+    monkeypatch.delenv(isa.ENV, raising=False)
+
     def pretend(flags: str | None) -> None:
         def cpuinfo(path: str, *args: Any) -> io.StringIO:
             if flags is None:
