@@ -23,22 +23,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from client import CONFIG, ROOT, model_dir
+from client import CONFIG, ROOT, model_info
 
 from tests.server import Server  # the same launcher wrapper the tests use
 
 PROMPT_TOKENS = 64  # engine-only runs
 SERVED_PROMPT_TOKENS = 20  # served runs: prompts of this many tokens, from `serve bench`
 
-def load_engine_model(folder: str, dtype_name: str, quantization: str, cpu_kernels: bool = True):
+def load_engine_model(info, dtype_name: str, quantization: str, cpu_kernels: bool = True, kv_cache_dtype: str = "auto"):
+    """The model as a worker of the server loads it, with the same settings."""
     from serve.device import place
     from serve.worker.model import Model
 
-    placement = place(0, dtype_name)
-    return Model(folder, 0, 1, placement.dtype, placement.device, quantization, cpu_kernels=cpu_kernels)
-
-
-KV_DTYPE = None  # --kv-cache-dtype float16 sets torch.float16 for the engine-only runs
+    placement = place(0, dtype_name, quantization, gguf=info.gguf_file is not None)
+    return Model(info.hf_dir, 0, 1, placement.dtype, placement.device, quantization, cpu_kernels=cpu_kernels,
+                 gguf=info.gguf_file, kv_cache_dtype=kv_cache_dtype)
 
 
 def engine_step_ms(model, B: int, steps: int, repeats: int = 3) -> float:
@@ -47,7 +46,7 @@ def engine_step_ms(model, B: int, steps: int, repeats: int = 3) -> float:
     from serve.worker.offline import OfflineRunner
 
     max_len = PROMPT_TOKENS + (repeats + 1) * steps + 16
-    engine = Engine(model, B * max_len, B, max_len, kv_dtype=KV_DTYPE)
+    engine = Engine(model, B * max_len, B, max_len, kv_dtype=model.formats.kv)
     runner = OfflineRunner(engine, max_len)
     prompts = [[(7 * b + i) % 1000 + 100 for i in range(PROMPT_TOKENS)] for b in range(B)]
     out = runner.generate(prompts, steps // 2)  # prefill + warm-up
@@ -127,8 +126,8 @@ def served_round(url: str, concurrency: int, requests: int, max_tokens: int) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default="none", choices=["none", "int8"])
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16"])
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "float32"])
     p.add_argument("--no-cpu-kernels", action="store_true", help="plain torch ops (the engine before serve/worker/csrc/)")
     p.add_argument("--concurrency", default="1,8,16,32,64")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -137,23 +136,20 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving.json"))
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    folder = model_dir()
+    info = model_info()
 
     flags = ["--config", CONFIG, "--dtype", args.dtype, "--quantization", args.quantization, "--kv-cache-dtype", args.kv_cache_dtype]
     if args.no_cpu_kernels:
         flags.append("--no-cpu-kernels")
-    global KV_DTYPE
-    if args.kv_cache_dtype == "float16":
-        import torch
-
-        KV_DTYPE = torch.float16
     report: dict = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "cpu_kernels": not args.no_cpu_kernels, "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                 "python": platform.python_version()}, "model": "SmolLM2-135M-Instruct"}
-    model = load_engine_model(folder, args.dtype, args.quantization, not args.no_cpu_kernels)
+    model = load_engine_model(info, args.dtype, args.quantization, not args.no_cpu_kernels, args.kv_cache_dtype)
     report["engine"] = engine_steps(model, levels, args.steps)
     dtype = report["engine"]["dtype"]
     if args.hf:
-        report["hf"] = hf_steps(folder, dtype, levels, max(8, args.steps // 3))
+        from serve.model_files import gguf_to_hf
+
+        report["hf"] = hf_steps(str(gguf_to_hf(Path(info.gguf_file), weights=True)), dtype, levels, max(8, args.steps // 3))
     report["served"] = {}
     report["overlap"] = {"on": {}, "off": {}}
     with Server(*flags) as server:

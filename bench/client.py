@@ -15,11 +15,16 @@ CONFIG = str(ROOT / "configs" / "smollm2-135m-instruct.yaml")
 NAME = "SmolLM2-135M-Instruct"
 
 
-def model_dir() -> str:
+def model_info():
+    """The default model as the launcher resolves it (its HF folder of config and tokenizer, its GGUF)."""
     from serve.config import load_config
     from serve.model_files import resolve_model
 
-    return resolve_model(load_config(CONFIG)).hf_dir
+    return resolve_model(load_config(CONFIG))
+
+
+def model_dir() -> str:
+    return model_info().hf_dir
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from serve.config import ConfigError, apply_overrides, load_config, parse_settings
+from serve.config import DEFAULT_CONFIG, ConfigError, apply_overrides, load_config, parse_settings
 from serve.isa import LEVELS
 
 
@@ -18,7 +18,8 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--model", help="a Hugging Face folder or a .gguf file (overrides model.path)")
     launch.add_argument("--served-name", help="the model name clients use (overrides model.served_name)")
     launch.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    launch.add_argument("--quantization", choices=["none", "int8"], help="int8: CPU weight/activation quantization")
+    launch.add_argument("--quantization", choices=["auto", "none", "int8"],
+                        help="auto: a GGUF's own blocks (CPU); none: float weights; int8: quantized at load (CPU)")
     launch.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     launch.add_argument("--port", type=int)
     launch.add_argument("--tp", type=int, help="tensor-parallel ranks (worker processes)")
@@ -26,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--chunked-prefill-tokens", type=int, help="per-step token budget with chunked prefill (0: off)")
     launch.add_argument("--no-prefix-cache", action="store_const", const=False, dest="prefix_cache", help="recompute every prompt")
     launch.add_argument("--no-overlap", action="store_const", const=False, dest="overlap", help="plan each step only after the last one ends")
-    launch.add_argument("--kv-cache-dtype", choices=["auto", "float16"], help="float16 halves the KV cache (auto: the model's dtype)")
+    launch.add_argument("--kv-cache-dtype", choices=["auto", "float16", "float32"],
+                        help="auto: float16 on a CPU, except for the float32 reference")
     launch.add_argument("--no-cpu-kernels", action="store_const", const=False, dest="cpu_kernels", help="plain torch ops instead of our CPU kernels")
     launch.add_argument("--cpu-isa", choices=["auto", *LEVELS], help="cap the CPU instruction set our kernels and oneDNN use (auto: the best here)")
     launch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("bench", "bench-zmq"):
         return args.run(args)
     try:
+        if args.config is None and args.model is None and DEFAULT_CONFIG.is_file():
+            # As `make serve` does: a bare `serve launch` serves the default model.
+            print(f"serve: no --config or --model given; serving {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)}", file=sys.stderr)
+            args.config = str(DEFAULT_CONFIG)
         config = load_config(args.config)
         apply_overrides(config, {
             "model.path": args.model, "model.served_name": args.served_name, "model.dtype": args.dtype, "model.quantization": args.quantization,

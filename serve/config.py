@@ -16,6 +16,10 @@ import yaml
 from serve import isa
 
 
+# What a bare `serve launch` serves (the repository's default config, which `make serve` names too).
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m-instruct.yaml"
+
+
 class ConfigError(Exception):
     """A problem the user can fix; the CLI prints it as one line and exits with code 2."""
 
@@ -27,10 +31,13 @@ class ModelConfig:
     path: str = ""
     # The name clients pass as "model"; defaults to the folder or file name.
     served_name: str = ""
-    # auto | float32 | bfloat16 | float16 (auto: bfloat16 where the hardware has it natively).
+    # auto | float32 | bfloat16 | float16. auto: on a CPU, float32 activations (our kernels' dtype) with the
+    # weights as below; bfloat16 weights where the CPU has native bfloat16 dot products. On CUDA, bfloat16.
     dtype: str = "auto"
-    # none | int8 (CPU, float32: weights per channel, activations per step; ~2.4x less weight traffic).
-    quantization: str = "none"
+    # auto | none | int8 (serve/worker/formats.py). auto: a GGUF runs from its own quantized blocks on a CPU
+    # (dequantized on CUDA); a float checkpoint stays float. none: float weights in `dtype` (a GGUF
+    # dequantized at load). int8: float weights quantized at load to int8 blocks of 32 (CPU).
+    quantization: str = "auto"
 
 
 @dataclass
@@ -59,8 +66,9 @@ class EngineConfig:
     # float32 on CPU: run the layers' small ops, decode attention and (with int8) few-row matmuls as our
     # fused kernels (serve/worker/csrc/, compiled once per machine). false: plain torch ops.
     cpu_kernels: bool = True
-    # The KV cache's dtype: auto (the model's) or float16, which halves its memory and the bytes decode
-    # attention reads each step (llama.cpp's default cache type). Outputs drift slightly from auto's.
+    # The KV cache's dtype: auto, float16 or float32. auto: float16 on a CPU unless the model runs as the
+    # float32 reference (float32 weights, no quantization), where it is float32; on CUDA the model's dtype.
+    # float16 halves the cache's memory and the bytes decode attention reads (llama.cpp's default too).
     kv_cache_dtype: str = "auto"
     # The highest x86 instruction-set level our kernels and oneDNN may use (serve/isa.py): auto (this CPU's
     # best, or $SERVE_CPU_ISA when set), avx2, avx_vnni, avx512, avx512_bf16 or amx. A lower one runs
@@ -164,13 +172,13 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 def validate(config: Config) -> None:
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16, got {config.model.dtype!r}")
-    if config.model.quantization not in ("none", "int8"):
-        raise ConfigError(f"model.quantization must be none or int8, got {config.model.quantization!r}")
+    if config.model.quantization not in ("auto", "none", "int8"):
+        raise ConfigError(f"model.quantization must be auto, none or int8, got {config.model.quantization!r}")
     if config.model.quantization == "int8" and config.model.dtype not in ("auto", "float32"):
         raise ConfigError(f"model.quantization: int8 runs its activations in float32, so it needs dtype auto or float32, "
                           f"not {config.model.dtype}; pass --dtype auto, or --quantization none to keep {config.model.dtype}")
-    if config.engine.kv_cache_dtype not in ("auto", "float16"):
-        raise ConfigError(f"engine.kv_cache_dtype must be auto or float16, got {config.engine.kv_cache_dtype!r}")
+    if config.engine.kv_cache_dtype not in ("auto", "float16", "float32"):
+        raise ConfigError(f"engine.kv_cache_dtype must be auto, float16 or float32, got {config.engine.kv_cache_dtype!r}")
     try:
         isa.check(config.engine.cpu_isa)
     except ValueError as e:

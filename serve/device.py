@@ -24,7 +24,7 @@ def cpu_has_native_bf16(cpu_isa: str = "auto") -> bool:
     return isa.native_bf16(isa.chosen(cpu_isa))
 
 
-def place(rank: int, dtype: str, quantization: str = "none", cpu_isa: str = "auto") -> Placement:
+def place(rank: int, dtype: str, quantization: str = "auto", cpu_isa: str = "auto", gguf: bool = False) -> Placement:
     # The ranks of one server share a machine: their collectives' own TCP sockets stay on loopback
     # (gloo and NCCL otherwise pick the interface the host name resolves to). A user may override.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -37,8 +37,11 @@ def place(rank: int, dtype: str, quantization: str = "none", cpu_isa: str = "aut
     else:
         device, backend, native_bf16 = torch.device("cpu"), "gloo", cpu_has_native_bf16(cpu_isa)
     if dtype == "auto":
-        # int8 runs its activations in float32 (config.validate refuses it with a half dtype).
-        resolved = torch.bfloat16 if native_bf16 and quantization != "int8" else torch.float32
+        # On a CPU, int8 and a GGUF's own blocks run on our kernels, whose activations are float32
+        # (config.validate refuses int8 with a half dtype); float checkpoints run bfloat16 where the CPU has
+        # native bfloat16 dot products (serve/worker/formats.py).
+        blocks = device.type == "cpu" and (quantization == "int8" or (gguf and quantization == "auto"))
+        resolved = torch.bfloat16 if native_bf16 and not blocks else torch.float32
     else:
         resolved = DTYPES[dtype]
     return Placement(device, backend, resolved)

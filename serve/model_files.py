@@ -31,6 +31,7 @@ class ModelInfo:
     max_model_len: int
     eos_token_ids: list[int] = field(default_factory=list)
     num_key_value_heads: int = 0
+    gguf_file: str | None = None  # the weights, when they come from a GGUF (hf_dir then holds config and tokenizer)
 
 
 def cache_root() -> Path:
@@ -68,19 +69,22 @@ def _gguf_architecture(path: Path) -> str:
         raise ConfigError(f"{path} is not a readable GGUF file ({e}); pass a .gguf file or a Hugging Face folder") from None
 
 
-def gguf_to_hf(path: Path, log=print) -> Path:
-    dest = cache_root() / "gguf" / f"{path.stem}-{_file_digest(path)}"
+def gguf_to_hf(path: Path, log=print, weights: bool = False) -> Path:
+    """The Hugging Face folder of a GGUF: config and tokenizer (the worker reads the weights from the GGUF
+    itself); with `weights`, a separate folder that also holds them as float32 safetensors."""
+    dest = cache_root() / "gguf" / f"{path.stem}-{_file_digest(path)}{'-f32' if weights else ''}"
     if (dest / "config.json").is_file():
         return dest
     # Checked only before converting: GGUFReader parses every tensor's header (seconds).
     arch = _gguf_architecture(path)
     if arch not in _GGUF_ARCHS:
         raise ConfigError(f"GGUF architecture {arch!r} in {path} is not supported; supported: {', '.join(_GGUF_ARCHS)}")
-    log(f"converting {path.name} to safetensors once (cached in {dest}); this takes about half a minute")
+    what = "config, tokenizer and float32 weights" if weights else "config and tokenizer"
+    log(f"reading the {what} of {path.name} once (cached in {dest})")
     dest.parent.mkdir(parents=True, exist_ok=True)
     # transformers' own progress bars pass through to our stderr; the last lines name a failure.
-    proc = subprocess.Popen([sys.executable, "-m", "serve.worker.convert", str(path), str(dest)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    command = [sys.executable, "-m", "serve.worker.convert", str(path), str(dest), *([] if weights else ["--metadata-only"])]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     tail = b""
     for chunk in iter(lambda: proc.stderr.read1(4096), b""):
         sys.stderr.buffer.write(chunk)
@@ -111,10 +115,11 @@ def resolve_model(config: Config, log=print) -> ModelInfo:
     path = resolve_path(config.model.path)
     if not path.exists():
         raise ConfigError(f"model path {path} does not exist; pass --model with a Hugging Face folder or a .gguf file")
+    gguf = None
     if path.is_file():
         if path.suffix != ".gguf":
             raise ConfigError(f"model file {path} is not a .gguf file; pass a .gguf file or a Hugging Face folder")
-        folder = gguf_to_hf(path, log)
+        folder, gguf = gguf_to_hf(path, log), str(path)
     else:
         folder = path
     cfg_path = folder / "config.json"
@@ -124,7 +129,7 @@ def resolve_model(config: Config, log=print) -> ModelInfo:
     model_type = hf.get("model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model type {model_type!r} ({folder}) is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if not any(folder.glob("*.safetensors")):
+    if gguf is None and not any(folder.glob("*.safetensors")):
         raise ConfigError(f"{folder} has no *.safetensors weights; convert the checkpoint to safetensors or pass a .gguf file")
     kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
     if config.engine.tp > kv_heads:
@@ -138,4 +143,4 @@ def resolve_model(config: Config, log=print) -> ModelInfo:
     if config.engine.max_model_len:
         context = min(context, config.engine.max_model_len)
     name = config.model.served_name or (path.stem if path.is_file() else path.name)
-    return ModelInfo(str(folder), name, model_type, context, _eos_ids(folder, hf), kv_heads)
+    return ModelInfo(str(folder), name, model_type, context, _eos_ids(folder, hf), kv_heads, gguf)

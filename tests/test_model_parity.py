@@ -123,14 +123,15 @@ def test_half_precision_tracks_float32(models, tmp_path, dtype):
 
 
 def test_int8_quantization_tracks_float32(models, tmp_path):
-    # quantization: int8 (weights per channel, activations per step) stays close to float32; exact parity
-    # is float32's job. (This random model's logits are too flat to ask for long greedy agreement.)
+    # quantization: int8 (weights in int8 blocks of 32, activations per block) stays close to float32; exact
+    # parity is float32's job. (This random model's logits are too flat to ask for long greedy agreement.)
     hf, ours = models
     hf.save_pretrained(tmp_path, safe_serialization=True)
     q = Model(tmp_path, 0, 1, torch.float32, torch.device("cpu"), quantization="int8")
     assert (q.kernels is not None) == native.cpu_supported()
     full_logits, q_logits = captured_logits((r32 := runner(ours)).engine), captured_logits((r8 := runner(q)).engine)
-    # Decode steps of 4 rows and fewer go through our int8 kernel where it is built, prompts through fbgemm.
+    # Prompts and decode steps alike go through our quantized matmul.
+    assert q.describe()["quantization"] == "int8" and "Q8_0" in q.describe()["weights"]
     tokens = r32.generate(PROMPTS, 4)
     r8.generate(PROMPTS, 1)
     for step in range(1, 4):  # fed float32's tokens, so that both see the same text

@@ -11,11 +11,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from gguf.quants import dequantize, quantize
 
+from serve import isa
 from serve.worker import native
+from tests.tiny_gguf import T, raw_blocks
 
 pytestmark = pytest.mark.skipif(not native.cpu_supported(), reason="this CPU has no AVX2/FMA; the kernels are not used here")
 
@@ -27,34 +31,64 @@ def k():
     return module
 
 
-def quantized(N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(N, K, generator=g)
-    scale = w.abs().amax(dim=1) / 127
-    return torch.clamp((w / scale[:, None]).round(), -127, 127).to(torch.int8), scale
+# The quantized matmul's instruction-set levels this CPU can run (serve/isa.py), each tested: one machine
+# checks the AVX2 path of a Zen 3 as well as its own.
+LEVELS = sorted({native.KERNEL_LEVEL[level] for level in isa.available()})
+TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
-@pytest.mark.parametrize("N,K", [(960, 576), (7, 64), (49, 1536)])
-def test_int8_linear_matches_the_dequantized_matmul(k, M, N, K):
-    w, scale = quantized(N, K, seed=M)
-    x, bias = torch.randn(M, K), torch.randn(N)
-    expected = x @ (w.float() * scale[:, None]).T + bias
-    got = k.int8_linear(x, w, scale, bias)
-    # The activations are rounded to 8 bits per block of 32: ~0.5% of the output's norm.
-    assert got.shape == (M, N)
-    assert ((got - expected).norm() / expected.norm()).item() < 0.01
-    # Each row alone gives the same answer as in the batch (no row mixes into another).
-    assert torch.allclose(k.int8_linear(x[-1:].contiguous(), w, scale, bias)[0], got[-1], atol=1e-5)
+def gguf_blocks(qtype: T, N: int, K: int, seed: int) -> np.ndarray:
+    if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):  # gguf-py cannot quantize to these
+        return raw_blocks(N, K, qtype, seed)
+    return quantize(np.random.default_rng(seed).standard_normal((N, K)).astype(np.float32), qtype)
 
 
-def test_int8_linear_rejects_what_it_cannot_do(k):
-    w, scale = quantized(8, 64, seed=0)
-    assert k.int8_linear(torch.empty(0, 64), w, scale, None).shape == (0, 8)  # a step that samples nothing
-    with pytest.raises(RuntimeError, match="1 to 4 rows"):
-        k.int8_linear(torch.randn(5, 64), w, scale, None)
-    with pytest.raises(RuntimeError, match="multiple of 32"):
-        k.int8_linear(torch.randn(1, 48), torch.zeros(8, 48, dtype=torch.int8), scale, None)
+@pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
+def test_repacked_blocks_hold_exactly_the_gguf_values(k, qtype):
+    N, K = 37, 512  # N not a multiple of the 16-row tiles
+    raw = gguf_blocks(qtype, N, K, seed=1)
+    packed, fmt = k.repack(torch.from_numpy(raw), int(qtype), K)
+    expected = torch.from_numpy(dequantize(raw, qtype).astype(np.float32))
+    assert torch.equal(k.dequant_rows(packed, fmt, torch.arange(N)), expected)
+    assert torch.equal(k.dequant_rows(packed, fmt, torch.tensor([36, 0, 17])), expected[[36, 0, 17]])
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda n: native.KERNEL_NAMES[n])
+@pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
+def test_qlinear_matches_the_dequantized_matmul(k, qtype, level):
+    N, K = 100, 512
+    raw = gguf_blocks(qtype, N, K, seed=2)
+    packed, fmt = k.repack(torch.from_numpy(raw), int(qtype), K)
+    w = torch.from_numpy(dequantize(raw, qtype).astype(np.float64))
+    bias = torch.randn(N)
+    for M in (1, 3, 8, 70):  # one row, a register block, a full one, several with a remainder
+        x = torch.randn(M, K)
+        q, d, _ = k.quantize_acts(x, level)
+        assert q.abs().max().item() <= 127
+        # The reference: the activations as the kernel rounds them (per block of 32), in float64.
+        xq = (q.double().view(M, -1, 32) * d.double()[:, :, None]).view(M, K)
+        expected = xq @ w.T + bias.double()
+        got = k.qlinear(x, packed, fmt, bias, level)
+        assert got.shape == (M, N)
+        assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+        # And the activations' rounding itself stays near float32's: ~0.5% of the output's norm.
+        exact = x.double() @ w.T + bias.double()
+        assert ((got.double() - exact).norm() / exact.norm()).item() < 0.02
+        # A row's result is the same, bit for bit, whatever else is in the batch.
+        alone = torch.stack([k.qlinear(x[i:i + 1], packed, fmt, bias, level)[0] for i in range(M)])
+        assert torch.equal(alone, got)
+
+
+def test_qlinear_rejects_what_it_cannot_do(k):
+    raw = gguf_blocks(T.Q8_0, 8, 64, seed=0)
+    packed, fmt = k.repack(torch.from_numpy(raw), int(T.Q8_0), 64)
+    assert k.qlinear(torch.empty(0, 64), packed, fmt, None, 0).shape == (0, 8)  # a step that samples nothing
+    with pytest.raises(RuntimeError, match=r"x must be float32 \[M, 64\]"):
+        k.qlinear(torch.randn(2, 32), packed, fmt, None, 0)
+    with pytest.raises(RuntimeError, match="no kernel for GGUF type"):
+        k.repack(torch.zeros(8, 64, dtype=torch.uint8), int(T.Q2_K), 256)
+    with pytest.raises(RuntimeError, match="row length does not match"):
+        k.repack(torch.from_numpy(raw), int(T.Q8_0), 32)
 
 
 def reference_attention(q, cache, table, rows, lens):
@@ -94,9 +128,10 @@ def test_rope_store_rotates_and_writes_the_cache(k, cache_dtype):
     cache = torch.zeros(2 * n_kv, pool, d, dtype=cache_dtype)
     slots = torch.tensor([3, 39, 0, 17, 8])
     before = qkv.clone()
-    k.rope_store(qkv, rope, cache, slots, n_q)
+    k.rope_store(qkv, rope, cache, slots, n_q, 0.125)  # and the queries scaled, as for quantized weights
     rotated = torch.view_as_real(torch.view_as_complex(before[:, :n_q + n_kv].reshape(T, -1, d // 2, 2).contiguous())
                                  * torch.polar(torch.ones_like(angles), angles)[:, None]).reshape(T, -1, d)
+    rotated[:, :n_q] *= 0.125
     assert (qkv[:, :n_q + n_kv] - rotated).abs().max().item() < 1e-5
     assert torch.equal(qkv[:, n_q + n_kv:], before[:, n_q + n_kv:])  # values untouched
     assert torch.equal(cache[:n_kv, slots].transpose(0, 1), qkv[:, n_q:n_q + n_kv].to(cache_dtype))

@@ -12,7 +12,6 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TINY_NAME
-from tests.server import Server
 
 HOPS = ["api->tokenizer", "tokenizer->scheduler", "scheduler->workers", "rank0->scheduler", "scheduler->detokenizer",
         "detokenizer->api"]

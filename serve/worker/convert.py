@@ -1,8 +1,11 @@
-"""Convert a GGUF file once into a Hugging Face folder (safetensors, config, tokenizer).
+"""A GGUF file's Hugging Face side: config, tokenizer and generation config, written once into a folder.
 
-Run as `python -m serve.worker.convert SRC.gguf DEST_DIR` by the launcher on the first launch of a GGUF
-model. transformers dequantizes GGUF to float32 (tens of seconds); the safetensors written here load in
-about two. The folder is written under a temporary name and renamed, so a crash leaves no half cache.
+Run as `python -m serve.worker.convert SRC.gguf DEST_DIR --metadata-only` by the launcher on the first
+launch of a GGUF model (a few seconds: the worker reads the weights from the GGUF itself, blocks and all).
+Without the flag it also writes the weights dequantized to float32 safetensors (tens of seconds;
+transformers does the dequantizing), for tools that want a plain Hugging Face folder: the parity tests
+against transformers, and vLLM in `make bench-peers`. The folder is written under a temporary name and renamed,
+so a crash leaves no half cache.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ import sys
 from pathlib import Path
 
 
-def convert(src: Path, dest: Path) -> None:
+def convert(src: Path, dest: Path, weights: bool = False) -> None:
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        _write(src, tmp)
+        _write(src, tmp, weights)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -25,24 +28,29 @@ def convert(src: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
-def _write(src: Path, tmp: Path) -> None:
+def _write(src: Path, tmp: Path, weights: bool) -> None:
     import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # safetensors stores no aliases; tied means "same as embed_tokens"
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "source": src.name})
-    config = model.config
+    if weights:
+        from safetensors.torch import save_file
+
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # safetensors stores no aliases; tied means "same as embed_tokens"
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "source": src.name})
+        config, generation = model.config, model.generation_config
+    else:
+        config = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
+        generation = GenerationConfig.from_model_config(config)
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights on disk are plain float32 now
+        del config.quantization_config  # the weights, when written, are plain float32
     config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
+    generation.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
 
 
 if __name__ == "__main__":
-    convert(Path(sys.argv[1]), Path(sys.argv[2]))
+    convert(Path(sys.argv[1]), Path(sys.argv[2]), weights="--metadata-only" not in sys.argv[3:])

@@ -15,6 +15,12 @@ from serve.worker.model import AttentionMeta, DecodeView, Model, PrefillView
 from serve.worker.sampler import Sampler
 
 
+# Prompt chunks up to this many tokens go through our attention kernel, one query at a time like decodes;
+# longer ones through SDPA, whose blocked kernel reads each key once per block of queries instead of once
+# per query.
+NATIVE_PREFILL_TOKENS = 256
+
+
 class Engine:
     def __init__(self, model: Model, pool_tokens: int, max_rows: int, max_len: int, eos_ids: list[int] = (),
                  kv_dtype: torch.dtype | None = None) -> None:
@@ -22,7 +28,10 @@ class Engine:
         dev, dt = model.device, kv_dtype or model.dtype
         d = model.args.head_dim
         # Per layer: keys then values, head-major (see AttentionMeta).
-        self.kv_cache = [torch.zeros(2 * model.n_kv, pool_tokens, d, device=dev, dtype=dt) for _ in model.layers]
+        # Written through once now (zero_ touches every page; torch.zeros would leave them to be faulted in by
+        # the first requests that reach them), so the worker's resident memory is its whole size from the start
+        # and any later growth is a leak.
+        self.kv_cache = [torch.empty(2 * model.n_kv, pool_tokens, d, device=dev, dtype=dt).zero_() for _ in model.layers]
         self.kv_buf = torch.empty(0, d, device=dev, dtype=dt)
         self.req_to_token = torch.zeros(max_rows, max_len, dtype=torch.int64, device=dev)
         # Row offset of each K/V head in a layer's cache viewed as [2kv*pool, d].
@@ -78,6 +87,7 @@ class Engine:
         slots = self._tensor(plan.slots)
         if T == B:
             positions = self._tensor(plan.starts)
+            token_rows = rows
             self.req_to_token[rows, positions] = slots
         else:
             positions = self._tensor([p for s, n in zip(plan.starts, lens) for p in range(s, s + n)])
@@ -85,8 +95,15 @@ class Engine:
             self.req_to_token[token_rows, positions] = slots
         # Requests with one new token come first in a plan: decodes, then prompt chunks.
         Bd = next((i for i, n in enumerate(lens) if n > 1), B)
-        decode = self._decode_view(rows[:Bd], plan.starts[:Bd]) if Bd else None
-        prefill = self._prefill_view(rows[Bd:], plan.starts[Bd:], lens[Bd:]) if Bd < B else None
+        if self.model.ops.native and max(lens) <= NATIVE_PREFILL_TOKENS:
+            # Every new token, of a decode or of a prompt chunk, is one query over its own sequence up to
+            # itself, computed alike: a prompt's last token gives the same result whether it came in a
+            # long chunk or alone after a prefix-cache hit.
+            decode = DecodeView(token_rows, T, max(s + n for s, n in zip(plan.starts, lens)), table=self.req_to_token, lens=positions + 1)
+            prefill = None
+        else:
+            decode = self._decode_view(rows[:Bd], plan.starts[:Bd]) if Bd else None
+            prefill = self._prefill_view(rows[Bd:], plan.starts[Bd:], lens[Bd:]) if Bd < B else None
         skip = set(plan.skip)
         sample = [i for i in range(B) if i not in skip]
         last = [plan.offsets[i + 1] - 1 for i in sample]

@@ -1,61 +1,144 @@
-"""The weight matmuls of the model, y = x @ W.T + b, in the forms that measured fastest on CPU here.
-
-`Linear` is the default; `Int8Linear` is the opt-in `quantization: int8`. model.py picks one per model.
+"""The weight matmuls of the model, y = x @ W.T + b, and the embedding lookup, in the forms that measured
+fastest on CPU here. `Linears` builds each one in the form the model's `Formats` chose (formats.py).
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
 from types import ModuleType
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from serve.worker.formats import Formats
+from serve.worker.weights import QuantRows, cat_rows
+
+log = logging.getLogger("serve.worker")
+
+Q8_0 = 8  # ggml_type of int8 blocks of 32 with an fp16 scale
 
 
 class Linear:
     """y = x @ W.T + b. On CPU in float32 the weight is prepacked once into oneDNN's blocked layout:
     measured here, that halves a batch-1 decode matmul (weights streamed from memory at ~22 GB/s instead
-    of ~12) and is still faster at batch 32. Elsewhere (CUDA, other dtypes) it is plain F.linear."""
+    of ~12) and is still faster at batch 32. A bfloat16 weight on CPU takes float32 activations and runs
+    oneDNN's bfloat16 matmul (native dot products, AMX where there is one). Elsewhere it is plain F.linear."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, compute: torch.dtype | None = None) -> None:
         self.bias = bias
-        self.packed = weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        cpu = weight.device.type == "cpu"
+        self.packed = cpu and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        # float32 activations against lower-precision weights (CPU, our kernels' dtype)
+        self.cast = weight.dtype if compute is not None and compute != weight.dtype else None
+        if self.cast is not None and bias is not None:
+            self.bias = bias.to(weight.dtype)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.cast is not None:
+            return F.linear(x.to(self.cast), self.weight, self.bias).float()
         return F.linear(x, self.weight, self.bias)
 
 
-class Int8Linear:
-    """The opt-in `quantization: int8` (CPU, float32 only): weights quantized per output channel once.
+class QuantLinear:
+    """y = x @ W.T + b over quantized blocks (a GGUF's own, or int8 ones made at load), by our kernel
+    (csrc/qlinear.cpp): activations quantized per block of 32, integer dot products, the blocks' scales
+    applied per block. Every row count takes the same arithmetic, so a row's result never depends on
+    the rest of the batch."""
 
-    Up to 4 rows (a decode step of a few streams) go through our kernel (csrc/int8_linear.cpp, when it
-    is built), which streams the int8 weights at about twice fbgemm's rate here: SmolLM2's weight matmuls
-    at batch 1 take ~7 ms instead of ~14. More rows go through fbgemm's dynamic int8 linear, whose
-    vpmaddubsw GEMM wins once there are enough rows to reuse each weight. Both round the activations to
-    8 bits (ours per block of 32 values, fbgemm 7 bits per tensor), so outputs drift slightly from
-    float32's; parity tests keep to float32."""
+    def __init__(self, rows: QuantRows, bias: torch.Tensor | None, kernels: ModuleType, level: int) -> None:
+        self.packed, self.format = kernels.repack(rows.raw, rows.type, rows.K)
+        self.bias = bias.float().contiguous() if bias is not None else None
+        self.k, self.level, self.name = kernels, level, rows.name
 
-    SMALL_ROWS = 4
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernels: ModuleType | None = None) -> None:
-        if weight.device.type != "cpu" or weight.dtype != torch.float32:
-            raise ValueError("quantization: int8 runs on CPU in float32 only; use quantization: none here")
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12).double() / 127
-        with warnings.catch_warnings():  # torch marks its quantized-tensor constructors deprecated
-            warnings.simplefilter("ignore")
-            q = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.int64), 0, torch.qint8)
-        self.weight = torch.ops.quantized.linear_prepack(q, bias)
-        self.kernels = kernels if kernels is not None and weight.shape[1] % 32 == 0 else None
-        if self.kernels is not None:
-            # A second copy of the int8 weights, in the plain [N, K] layout our kernel reads (fbgemm's is
-            # its own): 135 MB more for SmolLM2, for twice the weight streaming rate at batch 1.
-            self.int8, self.scale, self.bias = q.int_repr().contiguous(), scale.float(), bias
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and 0 < x.shape[0] <= self.SMALL_ROWS:  # 0 rows: a step that samples nothing
-            return self.kernels.int8_linear(x.contiguous(), self.int8, self.scale, self.bias)
-        # reduce_range: 7-bit activations, so that AVX2's 16-bit pairwise sums cannot saturate.
-        return torch.ops.quantized.linear_dynamic(x, self.weight, True)
+        return self.k.qlinear(x if x.stride(-1) == 1 else x.contiguous(), self.packed, self.format, self.bias, self.level)
+
+
+class Parts:
+    """Row blocks in different formats (a GGUF may mix them in one fused projection): one matmul each."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class Embedding:
+    def __init__(self, table: torch.Tensor, compute: torch.dtype) -> None:
+        self.table, self.compute = table, compute
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.table).to(self.compute)
+
+
+class QuantEmbedding:
+    """Rows of a quantized embedding, dequantized as they are looked up (from the LM head's own blocks when
+    the two are tied: one copy for both)."""
+
+    def __init__(self, matrix: QuantLinear) -> None:
+        self.m = matrix
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.m.k.dequant_rows(self.m.packed, self.m.format, ids)
+
+
+def to_q8_0(weight: torch.Tensor) -> QuantRows:
+    """int8 blocks of 32 with an fp16 scale (GGUF's Q8_0, quantized as llama.cpp does)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    raw = quantize(weight.float().numpy(), GGMLQuantizationType.Q8_0)
+    return QuantRows(torch.from_numpy(np.ascontiguousarray(raw)), Q8_0, "Q8_0", weight.shape[1])
+
+
+class Linears:
+    """Builds a model's matmuls in its formats, and remembers what it built (for the banner)."""
+
+    def __init__(self, formats: Formats, kernels: ModuleType | None, level: int) -> None:
+        self.f, self.kernels, self.level = formats, kernels, level
+        self.used: dict[str, int] = {}  # format name -> bytes of weights in it
+
+    def _note(self, name: str, nbytes: int) -> None:
+        self.used[name] = self.used.get(name, 0) + nbytes
+
+    def stored(self, weight: torch.Tensor | QuantRows) -> torch.Tensor | QuantRows:
+        """A matrix as this model keeps it until its matmul is built: blocks only where they run as blocks."""
+        return self._float(weight) if isinstance(weight, QuantRows) and not self.f.blocks else weight
+
+    def quantized(self, rows: QuantRows, bias: torch.Tensor | None = None) -> QuantLinear:
+        q = QuantLinear(rows, bias, self.kernels, self.level)
+        self._note(rows.name, q.nbytes)
+        return q
+
+    def __call__(self, weight: torch.Tensor | QuantRows | list, bias: torch.Tensor | None = None):
+        if isinstance(weight, list):  # the parts of one fused projection
+            blocks = [w for w in weight if isinstance(w, QuantRows)]
+            if self.f.blocks and len(blocks) == len(weight):
+                joined = cat_rows(blocks)
+                if joined is None:  # formats differ: one matmul each
+                    sizes = [w.N for w in blocks]
+                    biases = bias.split(sizes) if bias is not None else [None] * len(blocks)
+                    return Parts([self.quantized(w, b) for w, b in zip(blocks, biases)])
+                weight = joined
+            else:
+                weight = torch.cat([self._float(w) for w in weight])
+        if isinstance(weight, QuantRows):
+            if self.f.blocks:
+                return self.quantized(weight, bias)
+            weight = self._float(weight)
+        if self.f.int8 and weight.shape[1] % 32 == 0:
+            return self.quantized(to_q8_0(weight), bias)
+        self._note(str(weight.dtype).removeprefix("torch."), weight.numel() * weight.element_size())
+        return Linear(weight, bias, self.f.compute if self.f.kernels else None)
+
+    def _float(self, w: torch.Tensor | QuantRows) -> torch.Tensor:
+        return w if isinstance(w, torch.Tensor) else w.dequantize().to(self.f.matrices)

@@ -20,13 +20,18 @@ from serve.proc import Reporter
 log = logging.getLogger("serve.worker")
 
 
+def resident_mb() -> int:
+    """This process's resident memory: weights, KV pool (written through at start), torch and the rest."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+
+
 def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoints, rank: int) -> None:
     # Before torch is imported: its CPU allocator then backs large tensors (weights, the KV cache) with 2 MB
     # pages. Decode attention reads cached rows scattered over the pool, and on 4 KB pages that is mostly
     # TLB misses: measured here, 32 streams' attention took 1.1 ms per layer on 4 KB pages, 0.86 on 2 MB.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    level = isa.chosen(config.engine.cpu_isa)
-    isa.cap_onednn(level)  # read by oneDNN when torch first uses it
+    isa.cap_onednn(isa.chosen(config.engine.cpu_isa))  # read by oneDNN when torch first uses it
     import torch
     import torch.distributed as dist
 
@@ -37,7 +42,7 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     tp = config.engine.tp
     threads = config.engine.threads_per_rank or max(1, (os.cpu_count() or 1) // tp)
     torch.set_num_threads(threads)
-    placement = place(rank, config.model.dtype, config.model.quantization, config.engine.cpu_isa)
+    placement = place(rank, config.model.dtype, config.model.quantization, config.engine.cpu_isa, model_info.gguf_file is not None)
     if tp > 1:
         dist.init_process_group(placement.backend, init_method=eps.dist_init, rank=rank, world_size=tp)
     started = time.monotonic()
@@ -49,8 +54,10 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     if rank == 0:
         log.info("loading %s (%s, %s)", model_info.hf_dir, str(placement.dtype).removeprefix("torch."), placement.device)
     model = Model(model_info.hf_dir, rank, tp, placement.dtype, placement.device, config.model.quantization, progress,
-                  config.engine.cpu_kernels)
-    kv_dtype = torch.float16 if config.engine.kv_cache_dtype == "float16" else placement.dtype
+                  config.engine.cpu_kernels, config.engine.cpu_isa, model_info.gguf_file, config.engine.kv_cache_dtype)
+    if rank == 0 and model.no_kernel:
+        log.warning("dequantized at load (no kernel for it here): %s", ", ".join(model.no_kernel))
+    kv_dtype = model.formats.kv
     engine = Engine(model, config.engine.kv_pool_tokens, config.engine.max_running_requests, model_info.max_model_len,
                     model_info.eos_token_ids, kv_dtype)
     load_s = time.monotonic() - started
@@ -59,10 +66,9 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     plans = socket(ctx, zmq.SUB, eps.plan, bind=False)
     results = socket(ctx, zmq.PUSH, eps.results, bind=False)
     reporter.ready(
-        device=str(placement.device), dtype=str(placement.dtype).removeprefix("torch."), quantization=config.model.quantization,
-        ops="native" if model.ops.native else "torch", isa=level or "none",
+        device=str(placement.device), dtype=str(model.dtype).removeprefix("torch."), **model.describe(),
         kv_dtype=str(kv_dtype).removeprefix("torch."), threads=threads,
-        load_s=round(load_s, 1), kv_mb=engine.kv_bytes() // 2**20,
+        load_s=round(load_s, 1), kv_mb=engine.kv_bytes() // 2**20, rss_mb=resident_mb(),
     )
     hop = Hop("scheduler->workers", model_info.served_name)
     while True:

@@ -14,18 +14,18 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-
+from serve import isa
 from serve.worker import native
-from serve.worker.linear import Int8Linear, Linear
+from serve.worker.formats import resolve
+from serve.worker.linear import Embedding, Linears, QuantEmbedding, QuantLinear
 from serve.worker.ops import NativeOps, TorchOps
+from serve.worker.weights import GGUFWeights, QuantRows, SafetensorsWeights
 
 
 @dataclass(frozen=True)
@@ -161,49 +161,23 @@ class Shard:
         return n * self.rank // self.size, n * (self.rank + 1) // self.size
 
 
-class Weights:
-    """Reads tensors from a folder of safetensors, sliced for one shard, straight into the target dtype."""
-
-    def __init__(self, folder: str | Path, dtype: torch.dtype, device: torch.device) -> None:
-        self.dtype, self.device = dtype, device
-        self.files = {}
-        for path in sorted(Path(folder).glob("*.safetensors")):
-            handle = safe_open(path, framework="pt")
-            for key in handle.keys():
-                self.files[key] = handle
-
-    def has(self, key: str) -> bool:
-        return key in self.files
-
-    def get(self, key: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
-        if key not in self.files:
-            raise KeyError(f"weight {key} missing from the checkpoint")
-        part = self.files[key].get_slice(key)
-        if rows is not None and cols is not None:
-            t = part[rows[0]:rows[1], cols[0]:cols[1]]
-        elif rows is not None:
-            t = part[rows[0]:rows[1]]
-        elif cols is not None:
-            t = part[:, cols[0]:cols[1]]
-        else:
-            t = part[:]
-        return t.to(device=self.device, dtype=self.dtype).contiguous()
-
-
-def pair_layout(t: torch.Tensor, d: int) -> torch.Tensor:
+def pair_layout(t: torch.Tensor | QuantRows, d: int) -> torch.Tensor | QuantRows:
     """Reorders each head's rows (or, for a [d] norm weight, its entries) from RoPE's half-split pairing
     (i, i + d/2) to adjacent pairs (2i, 2i + 1), so that RoPE is one complex multiply.
 
     Queries and keys get the same order, so their dot products, and so attention, are unchanged; values
-    and o_proj are untouched. Norm weights over the head dim are permuted alike.
+    and o_proj are untouched. Norm weights over the head dim are permuted alike. Quantized rows move
+    whole, blocks and all.
     """
     half = torch.arange(d // 2)
     order = torch.stack([half, half + d // 2], dim=1).flatten()
+    if isinstance(t, QuantRows):
+        return t.take((torch.arange(t.N // d)[:, None] * d + order).flatten())
     return t.view(-1, d, *t.shape[1:])[:, order].reshape(t.shape)
 
 
 class Layer:
-    def __init__(self, w: Weights, args: ModelArgs, shard: Shard, i: int, linear: type = Linear) -> None:
+    def __init__(self, w: SafetensorsWeights | GGUFWeights, args: ModelArgs, shard: Shard, i: int, linear: Linears) -> None:
         p = f"model.layers.{i}."
         d = args.head_dim
         q_rows = (shard.q[0] * d, shard.q[1] * d)
@@ -211,16 +185,21 @@ class Layer:
         a = p + "self_attn."
         # The 1/sqrt(d) attention scale is folded into the queries (their projection, or their norm when
         # there is one), saving a scaling per layer. Exact where sqrt(d) is a power of two (d = 64, 256);
-        # elsewhere (d = 128) it rounds each weight once, within float32's last bit.
+        # elsewhere (d = 128) it rounds each weight once, within float32's last bit. Quantized blocks
+        # keep their scales: RoPE applies it to the queries instead (q_scale).
         scale = d ** -0.5
-        q, k, v = w.get(a + "q_proj.weight", q_rows), w.get(a + "k_proj.weight", kv_rows), w.get(a + "v_proj.weight", kv_rows)
-        q_scale = 1.0 if args.qk_norm else scale
-        qkv = torch.cat([pair_layout(q, d) * q_scale, pair_layout(k, d), v])
+        mat = lambda key, rows=None, cols=None: linear.stored(w.matrix(key, rows, cols))  # noqa: E731
+        q, k, v = mat(a + "q_proj.weight", q_rows), mat(a + "k_proj.weight", kv_rows), mat(a + "v_proj.weight", kv_rows)
+        fold = 1.0 if args.qk_norm else scale
+        self.q_scale = 1.0
+        if isinstance(q, QuantRows):
+            fold, self.q_scale = 1.0, fold
         qkv_bias = None
         if args.qkv_bias:
-            q, k, v = w.get(a + "q_proj.bias", q_rows), w.get(a + "k_proj.bias", kv_rows), w.get(a + "v_proj.bias", kv_rows)
-            qkv_bias = torch.cat([pair_layout(q, d) * q_scale, pair_layout(k, d), v])
-        self.qkv = linear(qkv, qkv_bias)
+            qb, kb, vb = w.get(a + "q_proj.bias", q_rows), w.get(a + "k_proj.bias", kv_rows), w.get(a + "v_proj.bias", kv_rows)
+            qkv_bias = torch.cat([pair_layout(qb, d) * fold, pair_layout(kb, d), vb])
+        q = pair_layout(q, d) if isinstance(q, QuantRows) else pair_layout(q, d) * fold
+        self.qkv = linear([q, pair_layout(k, d), v], qkv_bias)
         self.q_norm = self.k_norm = None
         if args.qk_norm:
             self.q_norm = pair_layout(w.get(a + "q_norm.weight"), d) * scale
@@ -228,40 +207,89 @@ class Layer:
         # o_proj and down_proj are row-parallel: the all-reduce sums the ranks' partial outputs, so only
         # rank 0 adds their bias.
         row_bias = shard.rank == 0
-        self.o = linear(w.get(a + "o_proj.weight", cols=q_rows), w.get(a + "o_proj.bias") if args.o_bias and row_bias else None)
+        self.o = linear(mat(a + "o_proj.weight", cols=q_rows), w.get(a + "o_proj.bias") if args.o_bias and row_bias else None)
         m = p + "mlp."
         gate_up_bias = None
         if args.mlp_bias:
             gate_up_bias = torch.cat([w.get(m + "gate_proj.bias", shard.mlp), w.get(m + "up_proj.bias", shard.mlp)])
-        self.gate_up = linear(torch.cat([w.get(m + "gate_proj.weight", shard.mlp), w.get(m + "up_proj.weight", shard.mlp)]), gate_up_bias)
-        self.down = linear(w.get(m + "down_proj.weight", cols=shard.mlp), w.get(m + "down_proj.bias") if args.mlp_bias and row_bias else None)
+        self.gate_up = linear([mat(m + "gate_proj.weight", shard.mlp), mat(m + "up_proj.weight", shard.mlp)], gate_up_bias)
+        self.down = linear(mat(m + "down_proj.weight", cols=shard.mlp), w.get(m + "down_proj.bias") if args.mlp_bias and row_bias else None)
         self.in_norm = w.get(p + "input_layernorm.weight")
         self.post_norm = w.get(p + "post_attention_layernorm.weight")
 
 
 class Model:
     def __init__(self, folder: str | Path, rank: int, tp: int, dtype: torch.dtype, device: torch.device,
-                 quantization: str = "none", progress: Callable[[int, int], None] | None = None, cpu_kernels: bool = True) -> None:
+                 quantization: str = "auto", progress: Callable[[int, int], None] | None = None, cpu_kernels: bool = True,
+                 cpu_isa: str = "auto", gguf: str | None = None, kv_cache_dtype: str = "auto") -> None:
         self.args = args = ModelArgs.from_folder(folder)
         if args.num_kv_heads < tp or args.num_heads % args.num_kv_heads:
             raise ValueError(f"cannot split {args.num_kv_heads} kv heads / {args.num_heads} query heads over {tp} ranks")
-        self.tp, self.dtype, self.device = tp, dtype, device
+        self.tp, self.device = tp, device
         self.shard = shard = Shard(args, rank, tp)
-        w = Weights(folder, dtype, device)
-        self.embed = w.get("model.embed_tokens.weight")
         # Our fused CPU kernels (native.py) where they apply and build; else plain torch ops.
-        self.kernels = native.load() if cpu_kernels and device.type == "cpu" and dtype == torch.float32 else None
-        linear = partial(Int8Linear, kernels=self.kernels) if quantization == "int8" else Linear
+        self.isa = isa.chosen(cpu_isa) if device.type == "cpu" else None
+        wanted = cpu_kernels and self.isa is not None and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        self.kernels = native.load() if wanted else None
+        self.formats = f = resolve(dtype, device, quantization, gguf is not None, self.kernels is not None, kv_cache_dtype)
+        self.dtype = f.compute
+        if gguf is not None:
+            w = GGUFWeights(gguf, f.compute, device, args.num_heads, args.num_kv_heads, f.matrices)
+        else:
+            w = SafetensorsWeights(folder, f.compute, device, f.matrices)
+        self.linears = linear = Linears(f, self.kernels, native.KERNEL_LEVEL.get(self.isa, 0))
         self.layers = []
         for i in range(args.num_layers):
             self.layers.append(Layer(w, args, shard, i, linear))
             if progress is not None:
                 progress(i + 1, args.num_layers)
         self.norm = w.get("model.norm.weight")
-        head = "model.embed_tokens.weight" if args.tie_word_embeddings or not w.has("lm_head.weight") else "lm_head.weight"
-        self.lm_head = linear(w.get(head, rows=shard.vocab))
+        tied = args.tie_word_embeddings or not w.has("lm_head.weight")
+        embed = w.matrix("model.embed_tokens.weight")
+        head = embed if tied and tp == 1 else w.matrix("model.embed_tokens.weight" if tied else "lm_head.weight", rows=shard.vocab)
+        self.lm_head = linear(head)
+        if isinstance(embed, QuantRows):
+            # One copy of a tied quantized embedding serves both; otherwise it gets tiles of its own.
+            table = self.lm_head if head is embed and isinstance(self.lm_head, QuantLinear) else linear.quantized(embed) if f.blocks else None
+            self.embed = QuantEmbedding(table) if table is not None else Embedding(embed.dequantize().to(f.compute), f.compute)
+        else:
+            self.embed = Embedding(embed.to(f.compute), f.compute)
+        self.no_kernel = sorted(getattr(w, "no_kernel", ()))
+        w.close()
         self.n_q, self.n_kv = shard.q[1] - shard.q[0], shard.kv[1] - shard.kv[0]
-        self.init_rope(complex_rope=dtype in (torch.float32, torch.float64))
+        self.init_rope(complex_rope=f.compute in (torch.float32, torch.float64))
+        self.fused = self._fuse()
+
+    def _fuse(self):
+        """All layers in one kernel call (csrc/decode_layers.cpp) where every matmul is our quantized one,
+        on one rank (no all-reduce between them) and without q/k norms; else None."""
+        matrices = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if not self.ops.native or self.tp > 1 or self.args.qk_norm or not all(isinstance(m, QuantLinear) for m in matrices):
+            return None
+        fused = self.kernels.DecodeLayers(self.n_q, self.n_kv, self.args.head_dim, self.args.rms_norm_eps, self.linears.level)
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
+            fused.add(*(a for m in (layer.qkv, layer.o, layer.gate_up, layer.down) for a in (m.packed, m.format, m.bias)),
+                      layer.post_norm, nxt, layer.q_scale)
+        return fused
+
+    def describe(self) -> dict[str, str]:
+        """What the banner says of this model: how its weights are stored and which path each kind of op takes."""
+        f, used = self.formats, self.linears.used
+        floats = {"float32", "bfloat16", "float16"}
+        quantized = [name for name in used if name not in floats]
+        mode = ("int8" if f.int8 else "gguf") if quantized else "none"
+        weights = "+".join(f"{name}:{size / 2**20:.1f}MB" for name, size in sorted(used.items(), key=lambda kv: -kv[1]))
+        paths = []
+        if quantized:
+            paths.append(f"qgemm-{native.KERNEL_NAMES[self.linears.level]}")
+        if "float32" in used:
+            paths.append("onednn-f32" if self.device.type == "cpu" else "torch")
+        if "bfloat16" in used or "float16" in used:
+            native_bf16 = "amx" if isa.at_least(self.isa, "amx") else "native" if isa.native_bf16(self.isa) else "emulated"
+            paths.append(f"onednn-bf16-{native_bf16}" if self.device.type == "cpu" and "bfloat16" in used else "torch")
+        return {"quantization": mode, "weights": weights, "matmul": "+".join(paths), "ops": "native" if self.ops.native else "torch",
+                "isa": self.isa or "none"}
 
     def init_rope(self, complex_rope: bool) -> None:
         """Per-position RoPE tables, for queries and keys in `pair_layout`.
@@ -300,27 +328,37 @@ class Model:
         """Logits [B, vocab] of each request's last new token. Writes the new tokens' K/V into the caches.
 
         At batch 1 a decode step is mostly weight streaming plus per-op dispatch (30 layers), so the
-        layer loop is kept to few calls: each residual add is fused with the norm after it.
+        layer loop is kept to few calls: each residual add is fused with the norm after it, and where the
+        model allows it the whole loop is one kernel call (`fused`).
         """
-        d, n_q, n_kv, ops = self.args.head_dim, self.n_q, self.n_kv, self.ops
-        h = F.embedding(input_ids, self.embed)
-        x = ops.rms(h, self.layers[0].in_norm)
-        for i, (layer, cache) in enumerate(zip(self.layers, kv_cache)):
-            qkv = layer.qkv(x).view(-1, n_q + 2 * n_kv, d)
-            if layer.q_norm is not None:
-                qkv[:, :n_q] = ops.rms(qkv[:, :n_q], layer.q_norm)
-                qkv[:, n_q:n_q + n_kv] = ops.rms(qkv[:, n_q:n_q + n_kv], layer.k_norm)
-            ops.rope_store(qkv, meta.rope, cache, meta.slots, n_q)  # in place: K and V stay side by side in qkv
-            attn = self._attention(qkv[:, :n_q], cache, meta)
-            h, x = ops.add_rms(h, self._all_reduce(layer.o(attn)), layer.post_norm)
-            down = layer.down(ops.silu_mul(layer.gate_up(x)))
-            h, x = ops.add_rms(h, self._all_reduce(down), self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm)
+        h = self.embed(input_ids)
+        x = self.ops.rms(h, self.layers[0].in_norm)
+        dec = meta.decode
+        if self.fused is not None and meta.prefill is None and dec is not None and dec.table is not None:
+            x = self.fused.run(h, x, kv_cache, meta.rope, meta.slots, dec.table, dec.rows, dec.lens)
+        else:
+            x = self._layers(h, x, meta, kv_cache)
         if meta.last is not None:
             x = x.index_select(0, meta.last)
         logits = self.lm_head(x)
         if self.tp > 1:
             logits = self._gather_vocab(logits)
         return logits
+
+    def _layers(self, h: torch.Tensor, x: torch.Tensor, meta: AttentionMeta, kv_cache: list[torch.Tensor]) -> torch.Tensor:
+        """The layer loop, one op at a time: h is the residual stream, x its input norm; returns the final norm."""
+        d, n_q, n_kv, ops = self.args.head_dim, self.n_q, self.n_kv, self.ops
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_cache)):
+            qkv = layer.qkv(x).view(-1, n_q + 2 * n_kv, d)
+            if layer.q_norm is not None:
+                qkv[:, :n_q] = ops.rms(qkv[:, :n_q], layer.q_norm)
+                qkv[:, n_q:n_q + n_kv] = ops.rms(qkv[:, n_q:n_q + n_kv], layer.k_norm)
+            ops.rope_store(qkv, meta.rope, cache, meta.slots, n_q, layer.q_scale)  # in place: K and V stay side by side in qkv
+            attn = self._attention(qkv[:, :n_q], cache, meta)
+            h, x = ops.add_rms(h, self._all_reduce(layer.o(attn)), layer.post_norm)
+            down = layer.down(ops.silu_mul(layer.gate_up(x)))
+            h, x = ops.add_rms(h, self._all_reduce(down), self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm)
+        return x
 
     def _attention(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
         """Queries are pre-scaled (see Layer), hence plain q @ k and scale=1 below."""

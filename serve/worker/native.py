@@ -23,6 +23,10 @@ from serve.model_files import cache_root
 log = logging.getLogger("serve.worker")
 
 CSRC = Path(__file__).with_name("csrc")
+# The quantized matmul's dispatch table (csrc/qlinear.cpp), by number, for each level of serve/isa.py:
+# AVX-512 without VNNI is no level of ours, and bfloat16 or AMX add nothing to integer dot products.
+KERNEL_NAMES = ("avx2", "avx_vnni", "avx512")
+KERNEL_LEVEL = {"avx2": 0, "avx_vnni": 1, "avx512": 2, "avx512_bf16": 2, "amx": 2}
 SOURCES = sorted(CSRC.glob("*.cpp"))
 
 
@@ -33,7 +37,7 @@ def cpu_supported() -> bool:
 def build_dir() -> Path:
     import torch
 
-    code = b"".join(path.read_bytes() for path in sorted(CSRC.iterdir()) if path.suffix in (".cpp", ".h"))
+    code = b"".join(path.read_bytes() for path in sorted(CSRC.iterdir()) if path.suffix in (".cpp", ".h", ".inc"))
     digest = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:12]
     return cache_root() / "native" / digest
 

@@ -37,10 +37,14 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def rope_store(self, qkv: torch.Tensor, rope: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, n_q: int) -> None:
-        """Rotates the query and key heads of qkv [T, heads, d] in place and writes keys and values
+    def rope_store(self, qkv: torch.Tensor, rope: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, n_q: int,
+                   q_scale: float = 1.0) -> None:
+        """Rotates the query and key heads of qkv [T, heads, d] in place (the queries also scaled by
+        q_scale, the attention scale where the weights could not take it) and writes keys and values
         (side by side in qkv) to their cache slots."""
         n_kv = (qkv.shape[1] - n_q) // 2
+        if q_scale != 1.0:
+            qkv[:, :n_q] *= q_scale
         qk = qkv[:, :n_q + n_kv]
         pairs = qk.unflatten(-1, (-1, 2))
         if self.complex_rope:
@@ -87,8 +91,9 @@ class NativeOps(TorchOps):
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.k.silu_mul(gate_up)
 
-    def rope_store(self, qkv: torch.Tensor, rope: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, n_q: int) -> None:
-        self.k.rope_store(qkv, rope, cache, slots, n_q)
+    def rope_store(self, qkv: torch.Tensor, rope: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, n_q: int,
+                   q_scale: float = 1.0) -> None:
+        self.k.rope_store(qkv, rope, cache, slots, n_q, q_scale)
 
     def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, dec: DecodeView) -> torch.Tensor:
         B = q.shape[0]

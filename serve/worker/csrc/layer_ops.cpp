@@ -1,9 +1,8 @@
-// Our CPU kernels for a float32 decode step (AVX2 + FMA + F16C), built and loaded by serve/worker/native.py.
+// Our CPU kernels for the small operations of a float32 step (AVX2 + FMA + F16C).
 //
 // Why they exist: at batch 1 a SmolLM2 step is ~600 small ATen ops of 5-40 us each (an RMSNorm of 576
-// floats cost ~40 us through torch.rms_norm's decomposition), plus int8 matmuls that stream weights at
-// half the memory bandwidth. Each kernel here replaces a run of those ops with one call:
-//   int8_linear     y = (x @ W.T) * scale + b for 1-4 rows, int8 weights and activations
+// floats cost ~40 us through torch.rms_norm's decomposition). Each kernel here replaces a run of those
+// ops with one call:
 //   decode_attention one query token per request against its cached keys and values, read in place
 //                    through req_to_token (no gather into a padded copy)
 //   rope_store      RoPE on queries and keys in place, keys and values written to their cache slots
@@ -14,8 +13,6 @@
 #include "common.h"
 
 namespace serve_native {
-
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const std::optional<torch::Tensor>& bias);  // int8_linear.cpp
 
 // ---- attention for decodes -------------------------------------------------------------------------
 // q [B, n_q, d] (already scaled by 1/sqrt(d); rows may be strided, as a slice of qkv); cache [2*n_kv,
@@ -152,9 +149,11 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cach
 
 // ---- RoPE and the cache write ----------------------------------------------------------------------
 // qkv [T, n_q + 2*n_kv, d] in pair layout (see model.pair_layout); rope [T, d/2, 2] cos and sin of each
-// token's position. Rotates the query and key heads in place, then copies keys and values to their slots
-// (rounded to float16 when the cache is: engine.kv_cache_dtype).
-void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch::Tensor& cache, const torch::Tensor& slots, int64_t n_q) {
+// token's position. Rotates the query and key heads in place (the queries also times q_scale: the
+// attention scale, where quantized weights could not take it), then copies keys and values to their
+// slots (rounded to float16 when the cache is: engine.kv_cache_dtype).
+void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch::Tensor& cache, const torch::Tensor& slots, int64_t n_q,
+                double q_scale) {
   check_f32(qkv, "qkv");
   check_f32(rope, "rope");
   check_cache(cache);
@@ -175,10 +174,11 @@ void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch
       const float* c = cs + t * d;
       for (int64_t h = 0; h < n_q + n_kv; ++h) {
         float* p = x + (t * heads + h) * d;
+        const float sc = h < n_q ? static_cast<float>(q_scale) : 1.f;
         for (int64_t i = 0; i < d / 2; ++i) {
           const float a = p[2 * i], b = p[2 * i + 1], co = c[2 * i], si = c[2 * i + 1];
-          p[2 * i] = a * co - b * si;
-          p[2 * i + 1] = a * si + b * co;
+          p[2 * i] = (a * co - b * si) * sc;
+          p[2 * i + 1] = (a * si + b * co) * sc;
         }
       }
       for (int64_t h = 0; h < 2 * n_kv; ++h) {
@@ -272,14 +272,3 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
 }
 
 }  // namespace serve_native
-
-using namespace serve_native;
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "y = (x @ w.T) * scale + bias; int8 w [N, K], float32 x [1-4, K]");
-  m.def("decode_attention", &decode_attention, "one query per request over its cached keys and values");
-  m.def("rope_store", &rope_store, "RoPE on q and k in place, k and v written to the cache");
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
-  m.def("add_rms_norm", &add_rms_norm, "h += delta, then RMSNorm(h)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2F] projection");
-}
