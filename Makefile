@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/smollm2-135m-instruct.yaml
 
-.PHONY: setup native serve test bench bench-features clean
+.PHONY: setup native serve test bench bench-features bench-peers bench-profile clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ bench: native
 
 bench-features: native
 	$(PY) bench/bench_features.py $(ARGS)
+
+# Ours beside llama.cpp's llama-server and vLLM's CPU build, same model and load (bench/peers.py). The
+# peers are set up once under $SERVE_CACHE_DIR/peers (a llama.cpp build and a vLLM venv); then each
+# server in turn at concurrency 1, 16 and 32. ARGS="--quick" for a smoke test, "--only serve,llama".
+bench-peers: native
+	$(PY) bench/peers.py setup
+	$(PY) bench/peers.py run --readme $(ARGS)
+
+# Where a decode step's time goes at 1 and 32 streams, against the memory-bandwidth limit (bench/step_profile.py).
+bench-profile: native
+	$(PY) bench/step_profile.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
