@@ -167,3 +167,13 @@ def test_without_a_compiler_the_model_runs_on_torch_ops(tmp_path, monkeypatch):
     assert out.returncode == 0, out.stderr
     assert "kernels: None" in out.stdout
     assert "CPU kernels unavailable" in out.stderr
+
+
+def test_argmax_rows_is_torchs_first_largest(k):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1003, generator=g)  # a tail past the last 8 lanes
+    x[1, 500] = x[1, 900] = 50.0  # a tie: the first index wins, as in torch
+    x[2, 1002] = 60.0  # in the tail
+    x[3, :] = 7.0  # all equal
+    assert torch.equal(k.argmax_rows(x), x.argmax(-1))
+    assert k.argmax_rows(x)[1].item() == 500 and k.argmax_rows(torch.randn(1, 3))[0].item() in (0, 1, 2)

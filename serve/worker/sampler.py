@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -44,9 +45,12 @@ class RowSampling:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, vocab_size: int, eos_ids: list[int]) -> None:
-        """`vocab_size`: the width of the logits that `sample` gets."""
+    def __init__(self, device: torch.device, vocab_size: int, eos_ids: list[int],
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """`vocab_size`: the width of the logits that `sample` gets. `argmax`: a faster one for float32 rows
+        on the CPU (our kernel's: torch's is a scalar loop, 1.1 ms for 32 rows of 49,152 logits here)."""
         self.device = device
+        self.argmax = argmax or (lambda x: x.argmax(dim=-1))
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
         self.rows: dict[int, RowSampling] = {}
@@ -89,7 +93,7 @@ class Sampler:
         x, penalized = self._adjust(logits, states)
         for s in states:
             s.produced += 1
-        ids = x.argmax(dim=-1)
+        ids = self.argmax(x if x.is_contiguous() else x.contiguous())
         if any(p.temperature > 0 for p in params):
             ids = torch.where(self._tensor([p.temperature <= 0 for p in params], torch.bool), ids, self._draw(x, states))
         if penalized is not None:
@@ -154,7 +158,7 @@ class Sampler:
             probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         V = x.shape[1]
         noise = torch.stack([torch.empty(V, device=x.device).exponential_(generator=self._reseed(s)) for s in states])
-        return (probs / noise).argmax(dim=-1)
+        return self.argmax((probs / noise).contiguous())
 
     def _logprobs(self, logits: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams]) -> list[Logprobs | None]:
         out: list[Logprobs | None] = [None] * len(params)

@@ -20,6 +20,8 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const std:
                       int64_t level);
 torch::Tensor dequant_rows(const torch::Tensor& w, const std::vector<int64_t>& fmt, const torch::Tensor& ids);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_acts(const torch::Tensor& x, int64_t level);
+// argmax.cpp
+torch::Tensor argmax_rows(const torch::Tensor& x);
 // decode_layers.cpp
 void bind_decode_layers(py::module_& m);
 }  // namespace serve_native
@@ -38,5 +40,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "y = x @ W.T + bias over repacked GGUF tiles, activations quantized per block of 32");
   m.def("dequant_rows", &dequant_rows, "rows of a repacked weight as float32");
   m.def("quantize_acts", &quantize_acts, "the activation quantization of qlinear: (q, d, s)");
+  m.def("argmax_rows", &argmax_rows, "the first index of each row's largest value");
   bind_decode_layers(m);
 }

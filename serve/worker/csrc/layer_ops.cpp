@@ -175,10 +175,19 @@ void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch
       for (int64_t h = 0; h < n_q + n_kv; ++h) {
         float* p = x + (t * heads + h) * d;
         const float sc = h < n_q ? static_cast<float>(q_scale) : 1.f;
-        for (int64_t i = 0; i < d / 2; ++i) {
-          const float a = p[2 * i], b = p[2 * i + 1], co = c[2 * i], si = c[2 * i + 1];
-          p[2 * i] = (a * co - b * si) * sc;
-          p[2 * i + 1] = (a * si + b * co) * sc;
+        int64_t i = 0;
+        // Four pairs at a time: (a, b) * (cos, sin) = (a cos - b sin, a sin + b cos), as a complex multiply.
+        const __m256 scale = _mm256_set1_ps(sc);
+        for (; i + 8 <= d; i += 8) {
+          const __m256 ab = _mm256_loadu_ps(p + i), cossin = _mm256_loadu_ps(c + i);
+          const __m256 ba = _mm256_permute_ps(ab, 0xB1);
+          const __m256 r = _mm256_fmaddsub_ps(ab, _mm256_moveldup_ps(cossin), _mm256_mul_ps(ba, _mm256_movehdup_ps(cossin)));
+          _mm256_storeu_ps(p + i, _mm256_mul_ps(r, scale));
+        }
+        for (; i < d; i += 2) {
+          const float a = p[i], b = p[i + 1], co = c[i], si = c[i + 1];
+          p[i] = (a * co - b * si) * sc;
+          p[i + 1] = (a * si + b * co) * sc;
         }
       }
       for (int64_t h = 0; h < 2 * n_kv; ++h) {
