@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/smollm2-135m-instruct.yaml
 
-.PHONY: setup native serve test bench bench-features bench-peers bench-profile clean
+.PHONY: setup native serve test bench bench-features bench-peers bench-profile bench-formats clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-peers: native
 # Where a decode step's time goes at 1 and 32 streams, against the memory-bandwidth limit (bench/step_profile.py).
 bench-profile: native
 	$(PY) bench/step_profile.py $(ARGS)
+
+# Each way of running the default model: worker memory, perplexity, an answer, ITL at one stream (bench/formats.py).
+bench-formats: native
+	$(PY) bench/formats.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
