@@ -98,8 +98,9 @@ def tp1_server():
 
 @pytest.fixture(scope="module")
 def default_server():
-    """The default config, no flags: what `make serve` runs."""
-    with Server("--config", CONFIG, "--kv-pool-tokens", "16384") as server:
+    """A bare `serve launch` (no config, no model): the default config, what `make serve` runs."""
+    with Server("--kv-pool-tokens", "16384") as server:
+        assert "no --config or --model given; serving configs/smollm2-135m-instruct.yaml" in server.read_log()
         yield server
 
 

@@ -49,10 +49,11 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
 
     def progress(done: int, total: int) -> None:  # rank 0 speaks for all: they load in step
         if rank == 0 and (done * 4 // total > (done - 1) * 4 // total):
-            log.info("loading %s: %d/%d layers (%.1fs)", os.path.basename(model_info.hf_dir), done, total, time.monotonic() - started)
+            name = os.path.basename(model_info.gguf_file or model_info.hf_dir)
+            log.info("loading %s: %d/%d layers (%.1fs)", name, done, total, time.monotonic() - started)
 
     if rank == 0:
-        log.info("loading %s (%s, %s)", model_info.hf_dir, str(placement.dtype).removeprefix("torch."), placement.device)
+        log.info("loading %s (%s, %s)", model_info.gguf_file or model_info.hf_dir, str(placement.dtype).removeprefix("torch."), placement.device)
     model = Model(model_info.hf_dir, rank, tp, placement.dtype, placement.device, config.model.quantization, progress,
                   config.engine.cpu_kernels, config.engine.cpu_isa, model_info.gguf_file, config.engine.kv_cache_dtype)
     if rank == 0 and model.no_kernel:

@@ -288,8 +288,9 @@ class Model:
         if "bfloat16" in used or "float16" in used:
             native_bf16 = "amx" if isa.at_least(self.isa, "amx") else "native" if isa.native_bf16(self.isa) else "emulated"
             paths.append(f"onednn-bf16-{native_bf16}" if self.device.type == "cpu" and "bfloat16" in used else "torch")
-        return {"quantization": mode, "weights": weights, "matmul": "+".join(paths), "ops": "native" if self.ops.native else "torch",
-                "isa": self.isa or "none"}
+        # Attention, RoPE, norms and SiLU: our AVX2 kernels (at every level: they are not where the time goes).
+        ops = ("native-avx2" + ("+one-call" if self.fused is not None else "")) if self.ops.native else "torch"
+        return {"quantization": mode, "weights": weights, "matmul": "+".join(paths), "ops": ops, "isa": self.isa or "none"}
 
     def init_rope(self, complex_rope: bool) -> None:
         """Per-position RoPE tables, for queries and keys in `pair_layout`.
