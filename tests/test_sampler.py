@@ -4,18 +4,29 @@ tokens alone, in a mixed batch, or restarted after a preemption."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from serve.messages import SamplingParams
+from serve.worker import native
 from serve.worker.sampler import Sampler
 
 V = 16
 EOS = 15
 CPU = torch.device("cpu")
+KERNELS = native.load() if native.cpu_supported() else None
+FORM = {"kernels": None}
+
+
+@pytest.fixture(autouse=True, params=["torch", pytest.param("kernels", marks=pytest.mark.skipif(KERNELS is None, reason="no CPU kernels here"))])
+def form(request):
+    """Every test twice: steps 6-8 through torch (CUDA's way) and through our kernel (csrc/sample.cpp)."""
+    FORM["kernels"] = KERNELS if request.param == "kernels" else None
+    yield request.param
 
 
 def sampler() -> Sampler:
-    return Sampler(CPU, V, [EOS])
+    return Sampler(CPU, V, [EOS], FORM["kernels"])
 
 
 def peaked(*favourites: tuple[int, float]) -> torch.Tensor:
@@ -235,3 +246,32 @@ def test_a_seeded_request_gives_the_same_tokens_alone_batched_and_restarted():
     s.start(3, params, produced=5, history=prompt + head)
     tail = [s.sample(step_logits[i][None], [3])[0].item() for i in range(5, steps)]
     assert head + tail == alone
+
+
+def test_top_k_and_top_p_keep_only_the_most_likely_tokens():
+    logits = torch.tensor([3.0, 2.5, 2.0, 1.0] + [0.0] * (V - 4))
+    n = 400
+
+    def tokens(**options) -> set[int]:
+        s = sampler()
+        for seed in range(n):
+            s.start(seed, SamplingParams(temperature=1.0, seed=seed, **options))
+        return set(s.sample(logits.expand(n, V), list(range(n)))[0].tolist())
+
+    assert len(tokens()) > 4
+    assert tokens(top_k=2) == {0, 1}
+    # Probabilities ~0.37, 0.22, 0.14, ...: top_p 0.5 keeps token 1 (0.37 before it) but not token 2 (0.59).
+    assert tokens(top_p=0.5) == {0, 1}
+    assert tokens(top_p=0.01) == {0}  # the most likely token always survives
+    assert tokens(top_k=3, top_p=0.9) == {0, 1, 2}
+
+
+def test_sampling_follows_the_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.5] + [-1.0] * (V - 3))
+    expected = torch.softmax(logits, dim=0)
+    n = 4000
+    s = sampler()
+    for seed in range(n):
+        s.start(seed, SamplingParams(temperature=1.0, seed=seed))
+    counts = torch.bincount(s.sample(logits.expand(n, V), list(range(n)))[0], minlength=V).float() / n
+    assert (counts - expected).abs().max().item() < 0.03, (counts, expected)

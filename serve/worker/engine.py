@@ -36,8 +36,7 @@ class Engine:
         self.req_to_token = torch.zeros(max_rows, max_len, dtype=torch.int64, device=dev)
         # Row offset of each K/V head in a layer's cache viewed as [2kv*pool, d].
         self.head_base = torch.arange(2 * model.n_kv, dtype=torch.int64, device=dev)[:, None] * pool_tokens
-        argmax = model.kernels.argmax_rows if model.kernels is not None else None
-        self.sampler = Sampler(dev, model.args.vocab_size, list(eos_ids), argmax)
+        self.sampler = Sampler(dev, model.args.vocab_size, list(eos_ids), model.kernels)
         self.last_token = torch.zeros(max_rows, dtype=torch.int64, device=dev)  # per row, for -1 placeholders
         self.device = dev
         self.pinned = dev.type == "cuda"

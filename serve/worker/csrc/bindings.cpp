@@ -22,6 +22,9 @@ torch::Tensor dequant_rows(const torch::Tensor& w, const std::vector<int64_t>& f
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_acts(const torch::Tensor& x, int64_t level);
 // argmax.cpp
 torch::Tensor argmax_rows(const torch::Tensor& x);
+// sample.cpp
+torch::Tensor sample_rows(const torch::Tensor& x, const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
+                          const torch::Tensor& min_p, const torch::Tensor& u);
 // decode_layers.cpp
 void bind_decode_layers(py::module_& m);
 }  // namespace serve_native
@@ -41,5 +44,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_rows", &dequant_rows, "rows of a repacked weight as float32");
   m.def("quantize_acts", &quantize_acts, "the activation quantization of qlinear: (q, d, s)");
   m.def("argmax_rows", &argmax_rows, "the first index of each row's largest value");
+  m.def("sample_rows", &sample_rows, "a token per row at a temperature after top-k, top-p and min-p, drawn with one uniform number");
   bind_decode_layers(m);
 }
