@@ -125,6 +125,25 @@ def test_tiny_llama_matches_hf_on_cuda(cuda_llama: CudaLlama, no_tf32: None) -> 
 
 
 @needs_cuda
+def test_a_gguf_runs_dequantized_on_cuda(tmp_path, no_tf32: None) -> None:
+    # No GPU kernels for GGUF blocks: quantization auto dequantizes them onto the GPU; F32 tensors must
+    # give transformers' logits as the safetensors do.
+    from tests.tiny_gguf import T, write_gguf
+    from tests.tiny_model import build_tokenizer, random_model
+
+    vocab = build_tokenizer(tmp_path)
+    hf = random_model(tmp_path, "llama", seed=3, vocab_size=vocab)
+    for qtype in (T.F32, T.Q4_1):
+        path = write_gguf(hf, tmp_path, tmp_path / f"m-{qtype.name}.gguf", qtype)
+        model = Model(tmp_path, 0, 1, torch.float32, torch.device("cuda"), gguf=str(path))
+        assert model.describe()["quantization"] == "none" and model.lm_head.weight.device.type == "cuda"
+        run = greedy_run(model)
+        if qtype == T.F32:
+            assert_matches_hf(run, hf_run(hf))
+        assert np.isfinite(run.logits).all()
+
+
+@needs_cuda
 def test_auto_dtype_on_cuda_tracks_float32(cuda_llama: CudaLlama) -> None:
     p = place(0, "auto")
     ours = greedy_run(Model(cuda_llama.folder, 0, 1, p.dtype, p.device), n=4)

@@ -37,6 +37,11 @@ def llama(tmp_path_factory):
     return tiny(tmp_path_factory, "llama")
 
 
+def cosines(a, b) -> np.ndarray:
+    """Per step and prompt, the cosine between two runs' logits."""
+    return (a.logits * b.logits).sum(-1) / np.linalg.norm(a.logits, axis=-1) / np.linalg.norm(b.logits, axis=-1)
+
+
 def model_of(folder, path, **kw) -> Model:
     return Model(folder, 0, 1, torch.float32, CPU, gguf=str(path), **kw)
 
@@ -62,7 +67,7 @@ def test_blocks_track_their_dequantized_selves(llama, tmp_path, qtype):
     assert floats.describe()["quantization"] == "none" and floats.describe()["matmul"] == "onednn-f32"
     a, b = greedy_run(blocks), greedy_run(floats)
     # The same weights; only the activations' rounding to 8 bits per block of 32 differs.
-    cos = (a.logits * b.logits).sum(-1) / np.linalg.norm(a.logits, axis=-1) / np.linalg.norm(b.logits, axis=-1)
+    cos = cosines(a, b)
     assert cos[0].min() > 0.999, cos[0]
     assert not np.array_equal(a.logits[0], b.logits[0])  # really the blocks
 
@@ -78,7 +83,7 @@ def test_k_quants_and_mixed_formats_run_from_their_blocks(tmp_path_factory, tmp_
     assert all(name in weights for name in ("Q4_K", "Q5_K", "Q6_K", "Q8_0")), weights
     assert blocks.no_kernel == []
     a, b = greedy_run(blocks), greedy_run(floats)
-    cos = (a.logits * b.logits).sum(-1) / np.linalg.norm(a.logits, axis=-1) / np.linalg.norm(b.logits, axis=-1)
+    cos = cosines(a, b)
     # Random quants make a rougher model than trained ones, which the 8-bit activations feel more; a wrong
     # block layout would give a cosine near 0.
     assert cos[0].min() > 0.98, cos[0]
@@ -135,10 +140,14 @@ def test_all_layers_in_one_call_match_the_layers_one_op_at_a_time(llama, tmp_pat
     folder, hf = llama
     path = write_gguf(hf, folder, tmp_path / "model-q4_0.gguf", T.Q4_0)
     fused = model_of(folder, path)
-    assert fused.fused is not None
+    assert fused.fused is not None and "one-call" in fused.describe()["ops"]
+    calls = []
+    run = fused.fused.run
+    fused.fused = type("Counted", (), {"run": lambda self, *args: calls.append(1) or run(*args)})()
     loose = model_of(folder, path)
     loose.fused = None
     a, b = greedy_run(fused), greedy_run(loose)
+    assert len(calls) == len(a.tokens[0])  # every step, the prefill included, took the one call
     assert a.tokens == b.tokens and np.array_equal(a.logits, b.logits)
 
 

@@ -107,8 +107,8 @@ def to_q8_0(weight: torch.Tensor) -> QuantRows:
 class Linears:
     """Builds a model's matmuls in its formats, and remembers what it built (for the banner)."""
 
-    def __init__(self, formats: Formats, kernels: ModuleType | None, level: int, native_bf16: bool = False) -> None:
-        self.f, self.kernels, self.level, self.native_bf16 = formats, kernels, level, native_bf16
+    def __init__(self, formats: Formats, device: torch.device, kernels: ModuleType | None, level: int, native_bf16: bool = False) -> None:
+        self.f, self.device, self.kernels, self.level, self.native_bf16 = formats, device, kernels, level, native_bf16
         self.used: dict[str, int] = {}  # format name -> bytes of weights in it
 
     def _note(self, name: str, nbytes: int) -> None:
@@ -145,4 +145,4 @@ class Linears:
         return Linear(weight, bias, self.f.compute if self.f.kernels else None, self.native_bf16)
 
     def _float(self, w: torch.Tensor | QuantRows) -> torch.Tensor:
-        return w if isinstance(w, torch.Tensor) else w.dequantize().to(self.f.matrices)
+        return w if isinstance(w, torch.Tensor) else w.dequantize().to(device=self.device, dtype=self.f.matrices)

@@ -237,7 +237,7 @@ class Model:
             w = GGUFWeights(gguf, f.compute, device, args.num_heads, args.num_kv_heads, f.matrices)
         else:
             w = SafetensorsWeights(folder, f.compute, device, f.matrices)
-        self.linears = linear = Linears(f, self.kernels, native.KERNEL_LEVEL.get(self.isa, 0), isa.native_bf16(self.isa))
+        self.linears = linear = Linears(f, device, self.kernels, native.KERNEL_LEVEL.get(self.isa, 0), isa.native_bf16(self.isa))
         self.layers = []
         for i in range(args.num_layers):
             self.layers.append(Layer(w, args, shard, i, linear))
@@ -248,13 +248,14 @@ class Model:
         embed = w.matrix("model.embed_tokens.weight")
         head = embed if tied and tp == 1 else w.matrix("model.embed_tokens.weight" if tied else "lm_head.weight", rows=shard.vocab)
         self.lm_head = linear(head)
-        if isinstance(embed, QuantRows):
+        if isinstance(embed, QuantRows) and f.blocks:
             # One copy of a tied quantized embedding serves both; otherwise it gets tiles of its own.
-            table = self.lm_head if head is embed and isinstance(self.lm_head, QuantLinear) else linear.quantized(embed) if f.blocks else None
-            self.embed = QuantEmbedding(table) if table is not None else Embedding(embed.dequantize().to(f.compute), f.compute)
+            shared = head is embed and isinstance(self.lm_head, QuantLinear)
+            self.embed = QuantEmbedding(self.lm_head if shared else linear.quantized(embed))
         else:
-            self.embed = Embedding(embed.to(f.compute), f.compute)
-        self.no_kernel = sorted(getattr(w, "no_kernel", ()))
+            self.embed = Embedding(linear.stored(embed).to(device=device, dtype=f.compute), f.compute)
+        # Formats that had to be dequantized although the model runs from blocks (the worker warns).
+        self.no_kernel = sorted(getattr(w, "no_kernel", ())) if f.blocks else []
         w.close()
         self.n_q, self.n_kv = shard.q[1] - shard.q[0], shard.kv[1] - shard.kv[0]
         self.init_rope(complex_rope=f.compute in (torch.float32, torch.float64))

@@ -50,9 +50,9 @@ class SafetensorsWeights:
         self.files.clear()
 
 
-# ggml_type numbers of the formats our kernels run from their own blocks (csrc/qlinear.cpp repack),
-# with (values, bytes) per block.
-KERNEL_TYPES = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
+# ggml_type numbers of the formats our kernels run from their own blocks (csrc/qlinear.cpp: repack):
+# Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+KERNEL_TYPES = {2, 3, 6, 7, 8, 12, 13, 14}
 
 
 @dataclass
@@ -159,7 +159,9 @@ class GGUFWeights:
             if int(t.tensor_type) not in (0, 1, 30):  # quantized, in a format our kernels do not run
                 self.no_kernel.add(t.tensor_type.name)
             return self.get(key, rows, cols, self.matrix_dtype)
-        elems, nbytes = KERNEL_TYPES[int(t.tensor_type)]
+        from gguf import GGML_QUANT_SIZES
+
+        elems, nbytes = GGML_QUANT_SIZES[t.tensor_type]  # values and bytes per block
         if cols is not None and (cols[0] % elems or cols[1] % elems):
             self.no_kernel.add(f"{t.tensor_type.name} split off its block boundaries")
             return self.get(key, rows, cols, self.matrix_dtype)

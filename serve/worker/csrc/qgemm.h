@@ -58,7 +58,7 @@ struct QuantizedActs {
 // y[m, n] = sum_k x[m, k] * w[n, k] + bias[n] for the rows m in [m0, m1) and tiles in [t0, t1).
 using GemmFn = void (*)(const WeightFormat& f, const uint8_t* w, const QuantizedActs& x, const float* bias, float* y,
                         int64_t ldy, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
-// Quantizes rows [r0, r1) of x [M, K] (float32, row stride ldx) into the buffers of `out`.
+// Quantizes rows [r0, r1) of x [M, K] (float32, row stride ldx) into q, u, d and s (as QuantizedActs).
 using QuantizeFn = void (*)(const float* x, int64_t ldx, int64_t K, int8_t* q, uint8_t* u, float* d, float* s,
                             int64_t r0, int64_t r1);
 

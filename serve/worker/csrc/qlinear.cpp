@@ -14,7 +14,11 @@ namespace serve_native {
 // engine.cpu_isa, so a test can run every entry this CPU can execute.
 const QgemmKernels& kernels(int64_t level) {
   static const QgemmKernels table[] = {qgemm_avx2(), qgemm_avx_vnni(), qgemm_avx512()};
+  // A level this CPU lacks would die of an illegal instruction: refuse it with a message instead.
+  static const bool runs[] = {true, __builtin_cpu_supports("avxvnni") != 0,
+                              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")};
   TORCH_CHECK(level >= 0 && level < 3, "qlinear: unknown kernel level ", level);
+  TORCH_CHECK(runs[level], "qlinear: this CPU cannot run the ", table[level].name, " kernels");
   return table[level];
 }
 
@@ -191,7 +195,7 @@ torch::Tensor dequant_rows(const torch::Tensor& w, const std::vector<int64_t>& f
   const WeightFormat f = format_of(fmt, w);
   TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1, "ids must be int64 [T]");
   const auto idc = ids.contiguous();
-  const int64_t T = idc.size(0), ssz = f.f32_scales ? 4 : 2;
+  const int64_t T = idc.size(0);
   const int64_t* id = idc.data_ptr<int64_t>();
   auto out = torch::empty({T, f.K}, torch::TensorOptions().dtype(torch::kFloat32));
   float* o = out.data_ptr<float>();
@@ -220,7 +224,6 @@ torch::Tensor dequant_rows(const torch::Tensor& w, const std::vector<int64_t>& f
       }
     }
   });
-  (void)ssz;
   return out;
 }
 
@@ -232,6 +235,14 @@ struct Scratch {
   std::vector<float> d, s;
 };
 
+// Scratch beyond this is given back after the call: a long unchunked prompt must not keep its buffers
+// for the worker's life (its resident memory would grow for good).
+constexpr int64_t KEEP_SCRATCH = 16 << 20;
+
+void trim(Scratch& buf) {
+  if (static_cast<int64_t>(buf.q.capacity()) > KEEP_SCRATCH / 2) buf = Scratch();
+}
+
 QuantizedActs quantize_into(Scratch& buf, const QgemmKernels& k, const float* x, int64_t ldx, int64_t M, int64_t K) {
   buf.q.resize(M * K);
   buf.u.resize(M * K);
@@ -242,18 +253,20 @@ QuantizedActs quantize_into(Scratch& buf, const QgemmKernels& k, const float* x,
 }
 
 // Rows are taken 64 at a time (their quantized activations stay in L2 while a tile group streams past),
-// tiles 16 at a time: long enough runs of weights for the prefetchers (measured here: a 290 MB matrix
-// streamed at 18.2 GB/s against 16.9 with 4), short enough that a preempted thread's share is taken over.
+// tiles up to 16 at a time: long enough runs of weights for the prefetchers (measured here: a 290 MB
+// matrix streamed at 18.2 GB/s against 16.9 with 4), and at least two tasks per thread, so that a
+// preempted thread's share is taken over and many threads all get work.
 constexpr int64_t ROW_CHUNK = 64;
-constexpr int64_t TILES_PER_TASK = 16;
+constexpr int64_t MAX_TILES_PER_TASK = 16;
 
 void run_gemm(const QgemmKernels& k, const WeightFormat& f, const uint8_t* w, const QuantizedActs& x, const float* bias, float* y) {
   const int64_t M = x.M, tiles = f.tiles();
-  const int64_t row_chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK, groups = (tiles + TILES_PER_TASK - 1) / TILES_PER_TASK;
+  const int64_t per_task = std::clamp<int64_t>(tiles / (2 * at::get_num_threads()), 1, MAX_TILES_PER_TASK);
+  const int64_t row_chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK, groups = (tiles + per_task - 1) / per_task;
   parallel_chunks(row_chunks * groups, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t rc = i / groups, g = i % groups;
-      k.gemm(f, w, x, bias, y, f.N, rc * ROW_CHUNK, std::min(M, (rc + 1) * ROW_CHUNK), g * TILES_PER_TASK, std::min(tiles, (g + 1) * TILES_PER_TASK));
+      k.gemm(f, w, x, bias, y, f.N, rc * ROW_CHUNK, std::min(M, (rc + 1) * ROW_CHUNK), g * per_task, std::min(tiles, (g + 1) * per_task));
     }
   });
 }
@@ -277,6 +290,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const std:
   thread_local Scratch scratch;
   const QuantizedActs acts = quantize_into(scratch, k, x.data_ptr<float>(), x.stride(0), M, f.K);
   run_gemm(k, f, w.data_ptr<uint8_t>(), acts, b, y.data_ptr<float>());
+  trim(scratch);
   return y;
 }
 
