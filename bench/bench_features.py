@@ -15,9 +15,8 @@ import asyncio
 import json
 import statistics
 import time
-from pathlib import Path
 
-from client import CONFIG, ROOT, gaps, model_dir, stream, summary_ms
+from client import CONFIG, ROOT, gaps, model_dir, save, stream, summary_ms
 
 from tests.server import Server
 
@@ -128,9 +127,7 @@ def main() -> None:
             report["chunked_prefill"][mode] = res
             print(f"{mode}: {json.dumps(res)}", flush=True)
     print_table(report)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"saved {args.out}")
+    save(report, args.out)
 
 
 if __name__ == "__main__":

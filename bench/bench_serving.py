@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from client import CONFIG, ROOT, model_info
+from client import CONFIG, ROOT, model_info, save
 
 from tests.server import Server  # the same launcher wrapper the tests use
 
@@ -182,9 +182,7 @@ def main() -> None:
         off, on = report["overlap"]["off"][c], report["overlap"]["on"][c]
         print(f"| concurrency {c} | {off['served_itl_ms']} / {off['engine_step_ms']} ms = {off['ratio']} | "
               f"{on['served_itl_ms']} / {on['engine_step_ms']} ms = {on['ratio']} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"saved {args.out}")
+    save(report, args.out)
 
 
 if __name__ == "__main__":

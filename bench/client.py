@@ -27,6 +27,13 @@ def model_dir() -> str:
     return model_info().hf_dir
 
 
+def save(report: dict, out: str) -> None:
+    """A benchmark's figures as JSON (bench/results/ is git-ignored: results are not committed)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    print(f"saved {out}")
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]

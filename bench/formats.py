@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from client import CONFIG, NAME, ROOT
+from client import CONFIG, NAME, ROOT, save
 
 from tests.server import Server
 from tests.test_smollm2 import TEXT
@@ -74,9 +74,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {r['weights']} | {r['rss_mb']} ({r['kv_mb']} KV) | {r['perplexity']} | {r['perplexity'] / reference - 1:+.2%} | "
               f"{r['answer']} | {r['itl_ms_p50']} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"saved {args.out}")
+    save(results, args.out)
 
 
 if __name__ == "__main__":

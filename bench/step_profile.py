@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from client import CONFIG, ROOT, model_info
+from client import CONFIG, ROOT, model_info, save
 
 from tests.server import Server
 
@@ -169,9 +169,7 @@ def main() -> None:
     for B, r in report["batches"].items():
         print(f"| {B} | {r['step_ms']} | " + " | ".join(str(r["parts_ms"].get(k, 0)) for k in kinds)
               + f" | {r.get('served_itl_ms', '')} | {r['bytes'] / 1e6:.1f} MB | {r['limit_ms']} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"saved {args.out}")
+    save(report, args.out)
 
 
 if __name__ == "__main__":
