@@ -45,7 +45,7 @@ def itl_ms(server: Server) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         subprocess.run([sys.executable, "-m", "serve.cli", "bench", "--base-url", server.url, "--concurrency", "1", "--num-prompts", "4",
-                        "--input-len", "64", "--output-len", "128", "--ignore-eos", "--warmup", "1", "--no-progress", "--json", str(out)],
+                        "--input-len", "64", "--output-len", "128", "--ignore-eos", "--temperature", "0", "--warmup", "1", "--no-progress", "--json", str(out)],
                        check=True, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())["summary"]["itl_ms"]["p50"]
 

@@ -263,7 +263,8 @@ def caption(report: dict) -> str:
     counts = ", ".join(f"{n} at c{c}" for c, n in report["workload"]["num_prompts"].items())
     return (f"Measured with `make bench-peers` on {report['date'][:10]}: {m['cpu']}, {m['cores']} cores "
             f"({', '.join(m['flags']) or 'none of ' + ', '.join(CPU_FLAGS)}); {MODEL_NAME}, {INPUT_LEN}-token "
-            f"prompts, {OUTPUT_LEN} output tokens with ignore_eos, greedy; requests: {counts}"
+            f"prompts, {OUTPUT_LEN} output tokens with ignore_eos, greedy; requests: {counts}; the best of "
+            f"{report['workload']['rounds']} rounds, the servers in turn"
             + (" (--quick: a smoke test, not a measurement)" if report["workload"]["quick"] else "") + "."
             + (f" llama-server ran with {' '.join(extra)} (see bench/peers_setup.py: probe_llama)." if extra else ""))
 
@@ -280,6 +281,19 @@ def update_readme(block: str, readme: Path = README) -> bool:
     readme.write_text("".join(lines[:start + 1]) + "\n" + block.strip("\n") + "\n\n" + "".join(lines[end:]))
     print(f"README: table written into {readme}")
     return True
+
+
+def best_of(results: list[dict]) -> dict:
+    """One server's rounds as one result: per concurrency the round with the most output tokens/s (at one
+    stream, the lowest ITL), its TTFT and ITL with it. Every round stays in the JSON under "rounds"."""
+    best = {**results[0], "runs": {}, "rounds": results}
+    for c in {c for r in results for c in r["runs"]}:
+        runs = [r["runs"][c] for r in results if c in r["runs"]]
+        best["runs"][c] = min(runs, key=lambda s: s["itl_ms"]["p50"]) if c == "1" else max(runs, key=lambda s: s["output_throughput"])
+    errors = [r["error"] for r in results if "error" in r]
+    if errors and len(errors) == len(results):
+        best["error"] = errors[0]
+    return best
 
 
 def prompt_counts(spec: str | None, quick: bool) -> dict[int, int]:
@@ -310,11 +324,17 @@ def run(args: argparse.Namespace) -> int:
     report: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "model": MODEL_NAME,
                     "serve_commit": git_commit(), "versions": setup.versions(),
                     "workload": {"input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "ignore_eos": True, "temperature": 0,
-                                 "num_prompts": {str(c): n for c, n in counts.items()}, "quick": args.quick},
+                                 "num_prompts": {str(c): n for c, n in counts.items()}, "quick": args.quick,
+                                 "rounds": args.rounds},
                     "servers": {}}
-    for key in only:
-        port = free_port()
-        report["servers"][key] = bench_peer(peers(port, shlex.split(args.serve_args))[key], port, counts, raw, logs)
+    rounds: dict[str, list[dict]] = {key: [] for key in only}
+    for n in range(args.rounds):  # the servers in turn, round after round: each sees the machine's slow and fast spells
+        (raw / f"round{n + 1}").mkdir(exist_ok=True)
+        for key in only:
+            port = free_port()
+            rounds[key].append(bench_peer(peers(port, shlex.split(args.serve_args))[key], port, counts, raw / f"round{n + 1}", logs))
+    for key, results in rounds.items():
+        report["servers"][key] = best_of(results)
     out = Path(args.out) if args.out else RESULTS / f"peers-{stamp}.json"
     out.write_text(json.dumps(report, indent=2))
     text = table(report)
@@ -334,6 +354,7 @@ def main() -> int:
     r.add_argument("--num-prompts", help=f"requests per concurrency {CONCURRENCY}: one count or one each "
                                          "(default 8,64,128)")
     r.add_argument("--quick", action="store_true", help="one wave per concurrency (2 requests alone): a smoke test")
+    r.add_argument("--rounds", type=int, default=2, help="times each server is measured, in turn; the best round is shown")
     r.add_argument("--serve-args", default="", help="extra `serve launch` arguments for ours, e.g. '--quantization int8'")
     r.add_argument("--readme", action="store_true", help="write the table between the peers markers of README.md")
     r.add_argument("--out", help="the JSON report (default bench/results/peers-DATE.json)")

@@ -130,7 +130,7 @@ def served_itl(B: int) -> float:
         out = Path(tmp) / "bench.json"
         subprocess.run([sys.executable, "-m", "serve.cli", "bench", "--base-url", server.url, "--concurrency", str(B),
                         "--num-prompts", str(max(4, 2 * B)), "--input-len", str(PROMPT), "--output-len", "128", "--ignore-eos",
-                        "--warmup", "1", "--no-progress", "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
+                        "--temperature", "0", "--warmup", "1", "--no-progress", "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())["summary"]["itl_ms"]["p50"]
 
 
