@@ -160,7 +160,7 @@ class Launcher:
     def banner(self) -> str:
         """Every process with its pid, what it reported, and its ZeroMQ sockets (endpoints are files in the ipc directory)."""
         e = self.config.engine
-        lines = [f"serve: {self.model.served_name} from {self.model.hf_dir}",
+        lines = [f"serve: {self.model.served_name} from {self.model.gguf_file or self.model.hf_dir}",
                  f"  context {self.model.max_model_len} tokens, KV pool {e.kv_pool_tokens} tokens, "
                  f"up to {e.max_running_requests} running requests, tp {e.tp}"]
         rows = [("launcher", os.getpid(), {}, OPENED)]
