@@ -82,6 +82,7 @@ class GenerateRequest:
     sampling: SamplingParams
     group: str | None = None  # the n samples of one prompt share a group: one prefill serves them all
     sent_ns: int = 0
+    constraint: list | None = None  # structured output: serve.constraints.Constraint.to_wire()
 
 
 @message(2)
@@ -92,6 +93,7 @@ class TokenizedRequest:
     sampling: SamplingParams
     group: str | None = None
     sent_ns: int = 0
+    grammar: str | None = None  # llguidance's grammar the output must match, checked by the tokenizer
 
 
 @message(3)
@@ -171,6 +173,10 @@ class StepPlan:
     score: list[int] = field(default_factory=list)
     score_targets: list[list[int]] = field(default_factory=list)
     score_k: list[int] = field(default_factory=list)  # top alternatives per scored position
+    # Structured output: for the sampling requests listed in `mask_of` (their index among the sampling ones),
+    # the tokens they may sample next, one bit per token (llguidance's bitmask, little-endian uint32 words).
+    mask_of: list[int] = field(default_factory=list)
+    masks: list[bytes] = field(default_factory=list)
     sent_ns: int = 0
 
 

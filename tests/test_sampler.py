@@ -275,3 +275,44 @@ def test_sampling_follows_the_softmax():
         s.start(seed, SamplingParams(temperature=1.0, seed=seed))
     counts = torch.bincount(s.sample(logits.expand(n, V), list(range(n)))[0], minlength=V).float() / n
     assert (counts - expected).abs().max().item() < 0.03, (counts, expected)
+
+
+def bitmask(allowed: list[int], width: int = V) -> bytes:
+    """llguidance's layout: bit j of the mask (little-endian, in 32-bit words) allows token j."""
+    words = [0] * ((width + 31) // 32)
+    for t in allowed:
+        words[t // 32] |= 1 << (t % 32)
+    return b"".join(w.to_bytes(4, "little") for w in words)
+
+
+def test_a_grammar_mask_limits_the_rows_it_names_and_no_other():
+    s = sampler()
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(3))
+    for row in range(3):
+        s.start(row, SamplingParams(temperature=1.0 if row == 1 else 0, seed=row, logprobs=1))
+    allowed = [1, 6, 9]
+    # Row 0 is greedy and row 1 samples, both constrained; row 2 is free and keeps its argmax.
+    for _ in range(20):
+        ids, logprobs = s.sample(logits, [0, 1, 2], ([0, 1], [bitmask(allowed)] * 2))
+        assert ids[0].item() == max(allowed, key=lambda t: logits[0, t].item())
+        assert ids[1].item() in allowed
+        assert ids[2].item() == logits[2].argmax().item()
+    # Logprobs stay the raw model's, not the masked distribution's.
+    assert logprobs[0] is not None
+    assert abs(logprobs[0].token_logprobs[0] - torch.log_softmax(logits[0], -1)[ids[0]].item()) < 1e-5
+
+
+def test_the_grammar_wins_over_min_tokens_and_bias_when_they_leave_nothing():
+    """A finished grammar allows only EOS; min_tokens bans it: the row still gets EOS, never a banned token."""
+    s = sampler()
+    s.start(0, SamplingParams(temperature=1.0, seed=0, min_tokens=10, logit_bias={EOS: -100.0}))
+    ids, _ = s.sample(peaked((3, 9.0))[None], [0], ([0], [bitmask([EOS])]))
+    assert ids.tolist() == [EOS]
+
+
+def test_the_mask_covers_a_vocabulary_that_is_no_multiple_of_eight():
+    s = Sampler(CPU, 13, [12], FORM["kernels"])
+    s.start(0, SamplingParams(temperature=0))
+    logits = torch.arange(13, dtype=torch.float32)[None]  # the last token is the argmax
+    assert s.sample(logits, [0], ([0], [bitmask([2, 11], 13)]))[0].tolist() == [11]
+    assert s.sample(logits, [0], ([0], [bitmask([2], 13)]))[0].tolist() == [2]

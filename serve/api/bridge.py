@@ -107,6 +107,9 @@ class Bridge:
                     if out.finish_reason == "restarted":  # freed by the scheduler after a stage restart
                         q.put_nowait(RequestError(out.rid, 503, "a stage of the pipeline restarted while this request "
                                                   "was running; send it again", code="stage_restarted"))
+                    elif out.finish_reason == "bad_grammar":  # the scheduler could not build its constraint
+                        q.put_nowait(RequestError(out.rid, 400, "the request's constraint (response_format, "
+                                                  "structured_outputs, ...) exceeds this server's grammar limits"))
                     else:
                         q.put_nowait(out)
             elif isinstance(msg, StageRestarted):

@@ -14,6 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve import constraints
+from serve.constraints import Constraint
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -176,6 +179,18 @@ class _Sampling(_Base):
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     min_tokens: int = Field(default=0, ge=0, le=INT32)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N" (vLLM): for bytes that are no text
+    # Structured outputs (serve/constraints.py checks their shapes): OpenAI's, vLLM's and SGLang's fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+
+    def constraint(self) -> Constraint | None:
+        try:
+            return constraints.parse(self.model_dump(include={"response_format", "structured_outputs", "json_schema", "regex", "ebnf"}))
+        except constraints.ConstraintError as e:
+            raise APIError(400, str(e), e.param) from None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

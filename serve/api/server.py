@@ -31,6 +31,7 @@ from serve.api.protocol import (
     api_error_handler, http_error_handler, internal_error_handler, validation_error_handler,
 )
 from serve.api.shapes import ChatShape, Choice, CompletionShape
+from serve.constraints import Constraint
 from serve.messages import (
     AbortRequest, GenerateRequest, RequestError, RequestOutput, SamplingParams, TokenizeReply, TokenizeRequest, encode,
 )
@@ -98,16 +99,18 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )
 
-    def fan_out(rid: str, n: int, prompts: list[dict], max_tokens: int | None, params: SamplingParams) -> list[GenerateRequest]:
+    def fan_out(rid: str, n: int, prompts: list[dict], max_tokens: int | None, params: SamplingParams,
+                constraint: Constraint | None = None) -> list[GenerateRequest]:
         """One request per choice; choice p*n + i is sample i of prompt p. Seeded samples of one prompt
         get seeds seed, seed+1, ... so that they differ from each other and still repeat."""
+        wire = constraint.to_wire() if constraint is not None else None
         reqs = []
         for p, prompt in enumerate(prompts):
             for i in range(n):
                 seeded = dataclasses.replace(params, seed=params.seed + i if params.seed is not None else None)
                 choice_rid = rid if len(prompts) * n == 1 else f"{rid}-{p * n + i}"
                 reqs.append(GenerateRequest(choice_rid, prompt.get("text"), prompt.get("messages"), prompt.get("ids"),
-                                            max_tokens, seeded, f"{rid}-p{p}" if n > 1 else None))
+                                            max_tokens, seeded, f"{rid}-p{p}" if n > 1 else None, constraint=wire))
         return reqs
 
     @app.get("/health", responses={200: {"model": S.Status}, 503: {"model": S.Status}})
@@ -201,7 +204,7 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             raise APIError(400, f"{param} must be at least 1", param)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        reqs = fan_out(rid, body.n, [{"messages": messages}], max_tokens, params)
+        reqs = fan_out(rid, body.n, [{"messages": messages}], max_tokens, params, body.constraint())
         return await respond(request, reqs, ChatShape(rid, model.served_name, body.logprobs, body.return_tokens_as_token_ids), body, [])
 
     @app.post("/v1/completions", response_model=None, responses=S.generation(S.Completion))
@@ -212,7 +215,7 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             raise APIError(400, "max_tokens must be at least 1 (0 is allowed with echo, to score the prompt)", "max_tokens")
         params = sampling(body, body.logprobs, body.logprobs if body.echo and body.logprobs is not None else None)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        reqs = fan_out(rid, body.n, prompts, body.max_tokens, params)
+        reqs = fan_out(rid, body.n, prompts, body.max_tokens, params, body.constraint())
         echoes = []
         if body.echo:
             for p in prompts:

@@ -24,11 +24,14 @@ from serve.messages import (
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
 from serve.scheduler.batch import PENDING, Batcher, Finished, Req, Step
+from serve.scheduler.grammars import Grammars
 from serve.scheduler.pool import KVPool
 from serve.stops import CONTEXT_TOKENS
 from serve.text import TextTokenizer
 
 log = logging.getLogger("serve.scheduler")
+
+GRAMMAR_POLL_MS = 5  # how often the loop looks for a finished grammar compile while one runs
 
 
 class Scheduler:
@@ -42,6 +45,7 @@ class Scheduler:
             decode=TextTokenizer(model.hf_dir).decode,
         )
         self.depth = 2 if e.overlap else 1
+        self.grammars = Grammars(model.hf_dir, model.eos_token_ids)
         self.max_waiting = e.max_waiting_requests
         self.health_timeout_ns = int(config.server.health_timeout_s * 1e9)
         self.rejected = 0
@@ -81,10 +85,11 @@ class Scheduler:
             poller.register(sock, zmq.POLLIN)
         planned = False
         while True:
-            # Only a turn that just planned may have more to plan; otherwise wait for news.
+            # Only a turn that just planned may have more to plan; otherwise wait for news (and, while a
+            # grammar compiles, look again every few milliseconds).
             busy = planned and len(self.inflight) < self.depth
             idle_since = time.monotonic_ns()
-            ready = dict(poller.poll(0 if busy else None))
+            ready = dict(poller.poll(0 if busy else GRAMMAR_POLL_MS if self.grammars.compiling else None))
             if self.results in ready:
                 for msg in drain(self.results):
                     if isinstance(msg, StepResult):
@@ -101,10 +106,18 @@ class Scheduler:
                 for msg in drain(self.events):
                     if isinstance(msg, StageRestarted):
                         self._abort_all(msg.name)
+            for req, error in self.grammars.ready():
+                if error is None:
+                    self.batcher.add(req)
+                else:  # the api answers 400: the tokenizer's check passed, but the build hit a limit
+                    self.news.append(Finished(req, -1, "bad_grammar"))
             planned = False
-            if len(self.inflight) < self.depth:
+            # A constrained request's mask needs its last token: with one, no step is planned ahead.
+            if len(self.inflight) < (1 if self.grammars.active else self.depth):
                 step = self.batcher.next_plan(may_preempt=not self.inflight)
                 if step is not None:
+                    if self.grammars.active:
+                        step.plan.mask_of, step.plan.masks = self.grammars.masks(step)
                     step.plan.sent_ns = time.monotonic_ns()
                     send(self.plans, step.plan)
                     self.inflight.append(step)
@@ -135,6 +148,8 @@ class Scheduler:
             if len(self.batcher.waiting) >= self.max_waiting:
                 self.rejected += 1  # the api answers 503: try again later
                 self.news.append(Finished(req, -1, "overloaded"))
+            elif msg.grammar is not None:
+                self.grammars.add(req, msg.grammar)  # admitted once its matcher is built
             else:
                 self.batcher.add(req)
         elif isinstance(msg, Probe):
@@ -146,7 +161,9 @@ class Scheduler:
             self._abort(msg.rid, "abort")
 
     def _abort(self, rid: str, reason: str) -> None:
-        req = self.batcher.abort(rid)
+        pending = next((r for r, _ in self.grammars.pending if r.rid == rid), None)
+        self.grammars.drop(rid)
+        req = self.batcher.abort(rid) or pending
         if req is not None:
             self.aborted += 1
             self.news.append(Finished(req, -1, reason, sum(1 for t in req.output_ids if t != PENDING)))
@@ -155,7 +172,7 @@ class Scheduler:
         """A restarted stage may have lost any request's message: the api fails them all, and we free them.
         Their last output says "restarted", so the api fails them the same way if it hears from us before it
         hears from the launcher."""
-        reqs = list(self.batcher.waiting) + list(self.batcher.running)
+        reqs = list(self.batcher.waiting) + list(self.batcher.running) + [r for r, _ in self.grammars.pending]
         for req in reqs:
             self._abort(req.rid, "restarted")
         log.warning("the %s restarted: dropped %d requests in flight", stage, len(reqs))
@@ -164,7 +181,13 @@ class Scheduler:
         step = self.inflight.popleft()
         assert msg.step == step.plan.step, "results arrive in plan order"
         self.steps += 1
-        self.news.extend(self.batcher.apply(step, msg.token_ids, msg.logprobs, msg.prompt_logprobs))
+        if self.grammars.active:
+            self.grammars.accept(step, msg.token_ids)
+        news = self.batcher.apply(step, msg.token_ids, msg.logprobs, msg.prompt_logprobs)
+        for n in news:
+            if n.reason is not None:
+                self.grammars.drop(n.req.rid)
+        self.news.extend(news)
 
     def _emit(self, news: list[Finished]) -> None:
         if not news:

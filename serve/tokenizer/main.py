@@ -3,12 +3,15 @@ forwards them to the scheduler. A request that cannot be served goes back to its
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import zmq
 
+from serve import constraints
 from serve.config import Config
+from serve.constraints import Constraint
 from serve.ipc import Endpoints, send, socket
 from serve.messages import (
     AbortRequest, GenerateRequest, Probe, RequestError, TokenizedRequest, TokenizeReply, TokenizeRequest, decode, encode,
@@ -28,8 +31,10 @@ class Invalid(Exception):
 
 
 class Tokenize:
-    def __init__(self, tokenizer: TextTokenizer, max_model_len: int, pool_tokens: int) -> None:
+    def __init__(self, tokenizer: TextTokenizer, max_model_len: int, pool_tokens: int, vocab=None) -> None:
         self.tokenizer = tokenizer
+        self.vocab = vocab  # llguidance's, for checking structured-output constraints
+        self._checked = functools.lru_cache(maxsize=256)(self._check)  # by spec: a repeated schema is checked once
         self.max_model_len = max_model_len
         # A sequence must fit the context and the KV pool; the scheduler stops it at whichever is smaller.
         self.limit = min(max_model_len, pool_tokens)
@@ -59,6 +64,21 @@ class Tokenize:
         bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
         if bad:
             raise Invalid(f"token id {bad[0]} is outside the vocabulary (0..{self.tokenizer.vocab_size - 1})", param)
+
+    def grammar(self, req: GenerateRequest) -> str | None:
+        """The request's constraint as a grammar checked against the vocabulary (None when it has none)."""
+        if req.constraint is None:
+            return None
+        grammar, error, param = self._checked(tuple(req.constraint))
+        if error is not None:
+            raise Invalid(error, param)
+        return grammar
+
+    def _check(self, wire: tuple) -> tuple[str | None, str | None, str | None]:
+        try:
+            return constraints.check(Constraint.from_wire(list(wire)), self.vocab), None, None
+        except constraints.ConstraintError as e:
+            return None, str(e), e.param
 
     def __call__(self, req: GenerateRequest) -> list[int]:
         if req.messages is not None:
@@ -95,7 +115,8 @@ class Tokenize:
 
 
 def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -> None:
-    tokenize = Tokenize(TextTokenizer(model.hf_dir), model.max_model_len, config.engine.kv_pool_tokens)
+    tokenize = Tokenize(TextTokenizer(model.hf_dir), model.max_model_len, config.engine.kv_pool_tokens,
+                        constraints.vocabulary(model.hf_dir, model.eos_token_ids))
     ctx = zmq.Context.instance()
     front = socket(ctx, zmq.ROUTER, eps.tokenizer, bind=True)
     to_scheduler = socket(ctx, zmq.PUSH, eps.scheduler, bind=False)
@@ -117,6 +138,7 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
             elif isinstance(msg, GenerateRequest):
                 hop.observe(msg.sent_ns, idle_since)
                 ids = tokenize(msg)
-                send(to_scheduler, TokenizedRequest(msg.rid, api_id, ids, msg.sampling, msg.group, time.monotonic_ns()))
+                grammar = tokenize.grammar(msg)
+                send(to_scheduler, TokenizedRequest(msg.rid, api_id, ids, msg.sampling, msg.group, time.monotonic_ns(), grammar))
         except Invalid as e:
             front.send_multipart([api_id, encode(RequestError(msg.rid, 400, str(e), e.param, e.code))])

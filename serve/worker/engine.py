@@ -69,7 +69,7 @@ class Engine:
             head.copy_(torch.where(head < 0, self.last_token[meta.decode.rows], head))
         logits = self.model.forward(ids, meta, self.kv_cache).float()
         n = len(meta.sample_rows)
-        sampled, logprobs = self.sampler.sample(logits[:n], meta.sample_rows)
+        sampled, logprobs = self.sampler.sample(logits[:n], meta.sample_rows, (plan.mask_of, plan.masks))
         self.last_token[meta.sample_rows_t] = sampled
         scores, start = [], n
         for targets, k in zip(plan.score_targets, plan.score_k):  # prompt logprobs, after the sampled rows

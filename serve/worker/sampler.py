@@ -90,11 +90,15 @@ class Sampler:
         if state is not None and state.slot is not None:
             self.free.append(state.slot)
 
-    def sample(self, logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, list[Logprobs | None]]:
-        """One token id per row of `logits` [B, V] (float32), and the logprobs of the rows that ask for them."""
+    def sample(self, logits: torch.Tensor, rows: list[int], masks: tuple[list[int], list[bytes]] | None = None
+               ) -> tuple[torch.Tensor, list[Logprobs | None]]:
+        """One token id per row of `logits` [B, V] (float32), and the logprobs of the rows that ask for them.
+        `masks`: structured outputs, (row indices, llguidance bitmasks) of the constrained rows."""
         states = [self.rows[r] for r in rows]
         params = [s.params for s in states]
         x, penalized = self._adjust(logits, states)
+        if masks and masks[0]:
+            x = self._constrain(x, logits, *masks)
         for s in states:
             s.produced += 1
         greedy = [p.temperature <= 0 for p in params]
@@ -152,6 +156,30 @@ class Sampler:
         y = torch.where(self.in_prompt[slots] | in_output, torch.where(y > 0, y / rep, y * rep), y)
         x[pos] = y - freq * counts - pres * in_output
         return x, (pos, slots)
+
+    def _constrain(self, x: torch.Tensor, logits: torch.Tensor, mask_of: list[int], masks: list[bytes]) -> torch.Tensor:
+        """Tokens a row's grammar does not allow get -inf, after bias and penalties. Where that leaves
+        nothing (a finished grammar allows only stop tokens, which min_tokens or a bias banned), the
+        grammar wins: the row keeps the raw logits of what it allows."""
+        x = x.clone() if x is logits else x  # the raw logits stay for logprobs
+        rows = self._tensor(mask_of, torch.int64)
+        bits = torch.frombuffer(bytearray(b"".join(masks)), dtype=torch.uint8).view(len(masks), -1).to(x.device)
+        self._apply(x, rows, bits)
+        dead = torch.isneginf(x[rows].amax(dim=-1))
+        if bool(dead.any()):
+            fix = rows[dead]
+            raw = logits[fix].clone()
+            self._apply(raw, torch.arange(len(fix), device=x.device), bits[dead])
+            x[fix] = raw
+        return x
+
+    def _apply(self, x: torch.Tensor, rows: torch.Tensor, bits: torch.Tensor) -> None:
+        if self.kernels is not None:
+            self.kernels.apply_bitmask(x, rows.cpu(), bits.cpu())
+            return
+        V = x.shape[1]
+        allowed = ((bits[:, :, None] >> torch.arange(8, device=x.device, dtype=torch.uint8)) & 1).view(len(rows), -1)[:, :V].bool()
+        x[rows] = x[rows].masked_fill(~allowed, float("-inf"))
 
     def _draw(self, x: torch.Tensor, states: list[RowSampling]) -> torch.Tensor:
         """Steps 6-8 for every row (greedy rows' draws are discarded by the caller)."""

@@ -25,6 +25,7 @@ torch::Tensor argmax_rows(const torch::Tensor& x);
 // sample.cpp
 torch::Tensor sample_rows(const torch::Tensor& x, const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
                           const torch::Tensor& min_p, const torch::Tensor& u);
+void apply_bitmask(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& masks);
 // decode_layers.cpp
 void bind_decode_layers(py::module_& m);
 }  // namespace serve_native
@@ -45,5 +46,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_acts", &quantize_acts, "the activation quantization of qlinear: (q, d, s)");
   m.def("argmax_rows", &argmax_rows, "the first index of each row's largest value");
   m.def("sample_rows", &sample_rows, "a token per row at a temperature after top-k, top-p and min-p, drawn with one uniform number");
+  m.def("apply_bitmask", &apply_bitmask, "-inf where a row's token bitmask (structured outputs) has a 0");
   bind_decode_layers(m);
 }

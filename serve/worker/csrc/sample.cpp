@@ -145,4 +145,34 @@ torch::Tensor sample_rows(const torch::Tensor& x, const torch::Tensor& temperatu
   return out;
 }
 
+// Structured outputs: x[rows[r], j] = -inf wherever bit j of masks[r] is 0 (llguidance's bitmask: one
+// bit per token, little-endian). Eight tokens per mask byte, eight lanes per vector.
+void apply_bitmask(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& masks) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && rows.scalar_type() == torch::kInt64 && rows.dim() == 1, "apply_bitmask: x [B, V], rows int64 [R]");
+  TORCH_CHECK(masks.scalar_type() == torch::kUInt8 && masks.dim() == 2 && masks.size(0) == rows.size(0) && masks.is_contiguous(),
+              "apply_bitmask: masks uint8 [R, bytes]");
+  const int64_t B = x.size(0), V = x.size(1), R = rows.size(0), W = masks.size(1);
+  TORCH_CHECK(W * 8 >= V, "apply_bitmask: a mask has fewer bits than the vocabulary");
+  const auto rc = rows.contiguous();
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  const uint8_t* mp = masks.data_ptr<uint8_t>();
+  float* xp = x.data_ptr<float>();
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(rp[r] >= 0 && rp[r] < B, "apply_bitmask: row out of range");
+    float* row = xp + rp[r] * V;
+    const uint8_t* m = mp + r * W;
+    int64_t j = 0;
+    for (; j + 8 <= V; j += 8) {
+      const __m256i allowed = _mm256_and_si256(_mm256_set1_epi32(m[j >> 3]), bit);
+      const __m256 off = _mm256_castsi256_ps(_mm256_cmpeq_epi32(allowed, _mm256_setzero_si256()));
+      _mm256_storeu_ps(row + j, _mm256_blendv_ps(_mm256_loadu_ps(row + j), ninf, off));
+    }
+    for (; j < V; ++j)
+      if (!((m[j >> 3] >> (j & 7)) & 1)) row[j] = -INFINITY;
+  }
+}
+
 }  // namespace serve_native
