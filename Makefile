@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/smollm2-135m-instruct.yaml
 
-.PHONY: setup native serve test bench bench-features bench-peers bench-profile bench-formats clean
+.PHONY: setup native serve test bench bench-features bench-peers bench-profile bench-formats bench-structured clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-profile: native
 # Each way of running the default model: worker memory, perplexity, an answer, ITL at one stream (bench/formats.py).
 bench-formats: native
 	$(PY) bench/formats.py $(ARGS)
+
+# What structured outputs cost: compile times, the mask per step, 32 streams with half of them under a JSON schema.
+bench-structured: native
+	$(PY) bench/structured.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from serve.config import DEFAULT_CONFIG, ConfigError, apply_overrides, load_config, parse_settings
 from serve.isa import LEVELS
@@ -17,6 +18,7 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--config", help="YAML config file (see configs/)")
     launch.add_argument("--model", help="a Hugging Face folder or a .gguf file (overrides model.path)")
     launch.add_argument("--served-name", help="the model name clients use (overrides model.served_name)")
+    launch.add_argument("--chat-template", help="a Jinja chat template file to use instead of the model's own (model.chat_template)")
     launch.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     launch.add_argument("--quantization", choices=["auto", "none", "int8"],
                         help="auto: a GGUF's own blocks (CPU); none: float weights; int8: quantized at load (CPU)")
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         apply_overrides(config, {
             "model.path": args.model, "model.served_name": args.served_name, "model.dtype": args.dtype, "model.quantization": args.quantization,
+            "model.chat_template": args.chat_template and str(Path(args.chat_template).resolve()),
             "server.host": args.host, "server.port": args.port, "engine.tp": args.tp,
             "engine.kv_pool_tokens": args.kv_pool_tokens, "server.log_level": args.log_level, "server.log_requests": args.log_requests,
             "engine.chunked_prefill_tokens": args.chunked_prefill_tokens, "engine.prefix_cache": args.prefix_cache,

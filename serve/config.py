@@ -38,6 +38,9 @@ class ModelConfig:
     # (dequantized on CUDA); a float checkpoint stays float. none: float weights in `dtype` (a GGUF
     # dequantized at load). int8: float weights quantized at load to int8 blocks of 32 (CPU).
     quantization: str = "auto"
+    # A Jinja chat template file to use instead of the model's own. Requests with tools, to a template that
+    # shows none (SmolLM2's is plain ChatML), get serve's Hermes-style one (serve/tokenizer/hermes.jinja).
+    chat_template: str = ""
 
 
 @dataclass
@@ -179,6 +182,8 @@ def validate(config: Config) -> None:
                           f"not {config.model.dtype}; pass --dtype auto, or --quantization none to keep {config.model.dtype}")
     if config.engine.kv_cache_dtype not in ("auto", "float16", "float32"):
         raise ConfigError(f"engine.kv_cache_dtype must be auto, float16 or float32, got {config.engine.kv_cache_dtype!r}")
+    if config.model.chat_template and not Path(config.model.chat_template).is_file():
+        raise ConfigError(f"model.chat_template: no such file {config.model.chat_template}")
     try:
         isa.check(config.engine.cpu_isa)
     except ValueError as e:

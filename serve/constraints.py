@@ -25,7 +25,7 @@ MAX_SPEC_BYTES = 64 * 1024
 
 @dataclass
 class Constraint:
-    kind: str  # json_schema | json_object | regex | choice | grammar
+    kind: str  # json_schema | json_object | regex | choice | grammar | lark (tool calls)
     spec: Any  # the schema (a dict), the regex or grammar text, or the list of choices
     param: str  # the request field it came from, for error messages
 
@@ -131,6 +131,8 @@ def grammar_of(c: Constraint) -> str:
             return LLMatcher.grammar_from_json_schema(c.spec, defaults={"whitespace_flexible": False})
         if c.kind == "regex":
             return LLMatcher.grammar_from_regex(c.spec)
+        if c.kind == "lark":  # our own (tool calls)
+            return grammar_from("lark", c.spec)
         if c.kind == "choice":
             return grammar_from("lark", "start: " + " | ".join(json.dumps(choice) for choice in c.spec))
         return grammar_from("lark", any_to_lark(c.spec))  # EBNF (GBNF, as llama.cpp and vLLM write it) or Lark
@@ -139,14 +141,24 @@ def grammar_of(c: Constraint) -> str:
 
 
 def vocabulary(hf_dir: str, eos_ids: list[int]):
-    """llguidance's view of the model's vocabulary: its tokenizer.json, the model's vocab size (the mask's
-    width) and every token the model stops on, so a finished grammar allows each of them. ~1 s to build."""
+    """llguidance's view of the model's vocabulary: its tokenizer.json, the mask's width (the model's vocab
+    size, or the tokenizer's when that has more tokens) and every token the model stops on, so a finished
+    grammar allows each of them. ~1 s to build. None (and a warning) for a tokenizer llguidance cannot read:
+    the server then answers constrained requests with a 400."""
+    import logging
     from pathlib import Path
 
     from llguidance import LLTokenizer
+    from tokenizers import Tokenizer
 
-    config = json.loads((Path(hf_dir) / "config.json").read_text())
-    return LLTokenizer(str(Path(hf_dir) / "tokenizer.json"), n_vocab=config["vocab_size"], eos_token=list(eos_ids) or None)
+    try:
+        config = json.loads((Path(hf_dir) / "config.json").read_text())
+        path = str(Path(hf_dir) / "tokenizer.json")
+        n_vocab = max(config["vocab_size"], Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True))
+        return LLTokenizer(path, n_vocab=n_vocab, eos_token=list(eos_ids) or None)
+    except Exception as e:  # the library's errors are ValueError, RuntimeError, or its own
+        logging.getLogger("serve").warning("structured outputs are off: llguidance cannot read this tokenizer (%s)", str(e)[:200])
+        return None
 
 
 # A grammar whose check takes longer than this is refused (a schema that explodes in size).
@@ -159,6 +171,8 @@ def check(c: Constraint, vocab) -> str:
 
     from llguidance import LLMatcher
 
+    if vocab is None:
+        raise ConstraintError(f"{c.param}: this model's tokenizer does not support structured outputs", c.param)
     grammar = grammar_of(c)
     result: list[str] = []
     worker = threading.Thread(target=lambda: result.append(LLMatcher.validate_grammar(grammar, vocab)), daemon=True)

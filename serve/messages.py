@@ -83,6 +83,7 @@ class GenerateRequest:
     group: str | None = None  # the n samples of one prompt share a group: one prefill serves them all
     sent_ns: int = 0
     constraint: list | None = None  # structured output: serve.constraints.Constraint.to_wire()
+    tools: list | None = None  # chat: the functions the template shows the model (OpenAI's `tools`)
 
 
 @message(2)
@@ -110,6 +111,7 @@ class TokenizeRequest:
     messages: list[dict] | None = None
     add_special_tokens: bool = True
     token_ids: list[int] | None = None  # set: detokenize these instead
+    tools: list | None = None  # with messages: the functions the chat template shows
 
 
 @message(6)

@@ -27,8 +27,14 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+# Requests with tools, to a model whose template shows none: ChatML turns in the Hermes tool format.
+HERMES = Path(__file__).parent / "tokenizer" / "hermes.jinja"
+
+
 class TextTokenizer:
-    def __init__(self, folder: str | Path) -> None:
+    """`chat_template`: a Jinja file to use instead of the model's own template (the config's model.chat_template)."""
+
+    def __init__(self, folder: str | Path, chat_template: str | Path | None = None) -> None:
         folder = Path(folder)
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         cfg_path = folder / "tokenizer_config.json"
@@ -40,9 +46,13 @@ class TextTokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
+        if chat_template:
+            template = Path(chat_template).read_text()
         self.chat_template = template
+        # A template that never mentions tools would drop them silently: those requests get ours.
+        self.tool_template = template if template and "tools" in template else HERMES.read_text()
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self._template = None
+        self._compiled: dict[str, Any] = {}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -54,18 +64,21 @@ class TextTokenizer:
         """One token's own text, special tokens included (how logprobs name tokens)."""
         return self.tok.decode([token], skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        if not self.chat_template:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        source = self.tool_template if with_tools else self.chat_template
+        if not source:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
-        if self._template is None:
+        if source not in self._compiled:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
             env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
             env.globals["raise_exception"] = _raise
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
+            self._compiled[source] = env.from_string(source)
         try:
-            text = self._template.render(
-                messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            text = self._compiled[source].render(
+                messages=messages, tools=tools or None, add_generation_prompt=True,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
             )
         except TemplateError as e:
             raise ChatTemplateError(f"the chat template rejected these messages: {e}") from None

@@ -32,7 +32,7 @@ def captured_logits(engine: Engine) -> list[torch.Tensor]:
     """Records the logits every step hands to the sampler."""
     seen: list[torch.Tensor] = []
     sample = engine.sampler.sample
-    engine.sampler.sample = lambda logits, rows: (seen.append(logits.clone()), sample(logits, rows))[1]
+    engine.sampler.sample = lambda logits, rows, masks=None: (seen.append(logits.clone()), sample(logits, rows, masks))[1]
     return seen
 
 

@@ -181,9 +181,9 @@ def test_decode_does_not_sync_with_the_host(cuda_llama: CudaLlama, no_tf32: None
         engine.step = checked(engine.step)
         sample = engine.sampler.sample
 
-        def sample_then_allow_sync(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        def sample_then_allow_sync(logits: torch.Tensor, rows: list[int], masks=None) -> torch.Tensor:
             try:
-                return sample(logits, rows)
+                return sample(logits, rows, masks)
             finally:
                 torch.cuda.set_sync_debug_mode("default")  # what follows is the ids' .tolist()
 

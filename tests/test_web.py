@@ -191,6 +191,30 @@ def test_chat_streams_and_the_pipeline_view_follows(browser, tiny_server):
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50  # text, tables, colours: not a blank page
 
 
+def test_json_mode_answers_with_json_that_fits_the_schema(browser, tiny_server):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{tiny_server.url}/")
+    wait(browser, lambda d: js(d, '$("model").value') == TINY_NAME, "the model list never loaded")
+    assert not browser.find_element(By.ID, "json-schema").is_displayed()
+    browser.find_element(By.ID, "json-mode").click()
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["answer", "count"], "additionalProperties": False}
+    box = browser.find_element(By.ID, "json-schema")
+    assert box.is_displayed()
+    box.send_keys(json.dumps(schema))
+    say(browser, "Yes or no?", max_tokens=60)
+    answer = wait(browser, finished_answer, "the JSON answer never finished")
+    value = json.loads(answer["text"])
+    assert answer["finish"] == "stop" and value["answer"] in ("yes", "no") and 0 <= value["count"] <= 9, answer
+    # A schema that does not parse is said so, and nothing is sent.
+    box.clear()
+    box.send_keys("{not json")
+    say(browser, "Again?", max_tokens=10)
+    wait(browser, lambda d: "schema does not parse" in js(d, '[...document.querySelectorAll("#transcript .msg.error")].map(e => e.textContent).join(" ")'),
+         "a bad schema was not called out")
+
+
 def test_the_page_asks_for_the_api_key_and_keeps_it(browser, tiny_model):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

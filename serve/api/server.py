@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import metrics
 from serve.api import schemas as S
+from serve.api import tools
 from serve.api.bridge import Bridge
 from serve.api.pipeline import Processes
 from serve.api.pipeline import snapshot as pipeline_snapshot
@@ -100,7 +101,7 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
         )
 
     def fan_out(rid: str, n: int, prompts: list[dict], max_tokens: int | None, params: SamplingParams,
-                constraint: Constraint | None = None) -> list[GenerateRequest]:
+                constraint: Constraint | None = None, offered: list[dict] | None = None) -> list[GenerateRequest]:
         """One request per choice; choice p*n + i is sample i of prompt p. Seeded samples of one prompt
         get seeds seed, seed+1, ... so that they differ from each other and still repeat."""
         wire = constraint.to_wire() if constraint is not None else None
@@ -110,7 +111,8 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
                 seeded = dataclasses.replace(params, seed=params.seed + i if params.seed is not None else None)
                 choice_rid = rid if len(prompts) * n == 1 else f"{rid}-{p * n + i}"
                 reqs.append(GenerateRequest(choice_rid, prompt.get("text"), prompt.get("messages"), prompt.get("ids"),
-                                            max_tokens, seeded, f"{rid}-p{p}" if n > 1 else None, constraint=wire))
+                                            max_tokens, seeded, f"{rid}-p{p}" if n > 1 else None, constraint=wire,
+                                            tools=offered))
         return reqs
 
     @app.get("/health", responses={200: {"model": S.Status}, 503: {"model": S.Status}})
@@ -161,8 +163,9 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
         check_model(body.model)
         if (body.prompt is None) == (not body.messages):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages] if body.messages else None
-        reply = await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, body.prompt, messages, body.add_special_tokens))
+        messages = tools.template_messages([m.as_dict() for m in body.messages]) if body.messages else None
+        offered, _ = tools.check(body.tools, None)
+        reply = await ask_tokenizer(TokenizeRequest(uuid.uuid4().hex, body.prompt, messages, body.add_special_tokens, tools=offered))
         return {"tokens": reply.token_ids, "count": len(reply.token_ids), "max_model_len": model.max_model_len}
 
     @app.post("/detokenize", response_model=S.Text, responses=S.ERRORS)
@@ -202,10 +205,19 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
         if max_tokens == 0:
             param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
             raise APIError(400, f"{param} must be at least 1", param)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = tools.template_messages([m.as_dict() for m in body.messages])
+        offered, choice = tools.check(body.tools, body.tool_choice)
+        constraint = body.constraint()
+        call_grammar = tools.constraint(offered, choice, body.parallel_tool_calls) if offered else None
+        if constraint is not None and call_grammar is not None:
+            raise APIError(400, f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} and "
+                           f"{constraint.param} are two constraints; a request may have one", constraint.param)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        reqs = fan_out(rid, body.n, [{"messages": messages}], max_tokens, params, body.constraint())
-        return await respond(request, reqs, ChatShape(rid, model.served_name, body.logprobs, body.return_tokens_as_token_ids), body, [])
+        reqs = fan_out(rid, body.n, [{"messages": messages}], max_tokens, params, constraint or call_grammar,
+                       offered if choice != "none" else None)
+        shape = ChatShape(rid, model.served_name, body.logprobs, body.return_tokens_as_token_ids,
+                          tool_calls="off" if choice == "none" else "named" if isinstance(choice, dict) else "on")
+        return await respond(request, reqs, shape, body, [])
 
     @app.post("/v1/completions", response_model=None, responses=S.generation(S.Completion))
     async def completions(body: CompletionRequest, request: Request):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from serve.api.tools import ToolParser, merge, message
 from serve.messages import RequestOutput, TextLogprobs
 
 
@@ -43,9 +44,14 @@ def usage(choices: list[Choice], n: int) -> dict:
 
 
 class ChatShape:
-    def __init__(self, rid: str, model: str, logprobs: bool, token_ids: bool = False) -> None:
+    """`tool_calls`: "off" (the text is content), "on" (the text may hold calls: serve/api/tools.py), or
+    "named" (a call to the named function; it finishes with "stop", as OpenAI's does)."""
+
+    def __init__(self, rid: str, model: str, logprobs: bool, token_ids: bool = False, tool_calls: str = "off") -> None:
         self.base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         self.logprobs, self.token_ids = logprobs, token_ids
+        self.tool_calls = tool_calls
+        self.parsers: dict[int, ToolParser] = {}
 
     def head(self, index: int) -> dict:
         # OpenAI's first chunk of a choice carries the role alone.
@@ -58,15 +64,26 @@ class ChatShape:
         _count(c, out)
         entries = _chat_entries(as_ids(out.logprobs, self.token_ids)) if self.logprobs and out.logprobs else []
         c.logprobs.extend(entries)
-        if not out.text and not entries and out.finish_reason is None:
-            return None
         delta = {"content": out.text} if out.text else {}
+        if self.tool_calls != "off":
+            parser = self.parsers.setdefault(c.index, ToolParser())
+            delta = parser.feed(out.text)
+            if out.finish_reason is not None:
+                delta = merge(delta, parser.finish())
+                c.finish_reason = self._finish(parser, out.finish_reason)
+        if not delta and not entries and out.finish_reason is None:
+            return None
         lp = {"content": entries} if self.logprobs else None
-        return {**self.base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}]}
+        return {**self.base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason}]}
+
+    def _finish(self, parser: ToolParser, reason: str) -> str:
+        """OpenAI's: "tool_calls" when calls were made (never for none), "stop" for a named function."""
+        return "tool_calls" if reason == "stop" and parser.calls and self.tool_calls == "on" else reason
 
     def final(self, choices: list[Choice], n: int) -> dict:
         return {**self.base, "object": "chat.completion", "choices": [{
-            "index": c.index, "message": {"role": "assistant", "content": c.text},
+            "index": c.index,
+            "message": message(self.parsers[c.index]) if c.index in self.parsers else {"role": "assistant", "content": c.text},
             "logprobs": {"content": c.logprobs} if self.logprobs else None, "finish_reason": c.finish_reason,
         } for c in choices], "usage": usage(choices, n)}
 

@@ -30,6 +30,7 @@ CACHED_GRAMMARS = 64  # built matchers kept, by grammar text: a repeated schema 
 class Grammars:
     def __init__(self, hf_dir: str, eos_ids: list[int]) -> None:
         self.vocab = constraints.vocabulary(hf_dir, eos_ids)
+        self.eos_ids = list(eos_ids)
         # Building a matcher compiles its grammar's lexer (llguidance drops the GIL meanwhile): one
         # thread, so the loop never waits on it.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
@@ -88,7 +89,11 @@ class Grammars:
             matcher = self.matchers.get(req.rid)
             if matcher is None:
                 continue
-            mask = matcher.compute_bitmask()
+            if matcher.is_error():  # cannot happen with the masks applied; if it does, the row may only stop
+                log.warning("request %s: its grammar failed: %s", req.rid, matcher.get_error()[:200])
+                mask = self._stop_only(req)
+            else:
+                mask = matcher.compute_bitmask()
             if req.sampling.stop_token_ids and matcher.is_accepting():
                 mask = bytearray(mask)
                 for t in req.sampling.stop_token_ids:
@@ -97,6 +102,12 @@ class Grammars:
             mask_of.append(i)
             masks.append(mask)
         return mask_of, masks
+
+    def _stop_only(self, req: Req) -> bytes:
+        mask = bytearray(4 * ((self.vocab.vocab_size + 31) // 32))
+        for t in [*self.eos_ids, *req.sampling.stop_token_ids]:
+            mask[t // 8] |= 1 << (t % 8)
+        return bytes(mask)
 
     def accept(self, step: Step, token_ids: list[int]) -> None:
         """The tokens a step sampled, fed to their requests' matchers (in the plan's sampling order)."""

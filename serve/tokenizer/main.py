@@ -49,14 +49,14 @@ class Tokenize:
             self._check_ids(req.token_ids, "tokens")
             return TokenizeReply(req.rid, req.token_ids, self.tokenizer.decode(req.token_ids))
         if req.messages is not None:
-            ids = self._chat(req.messages)
+            ids = self._chat(req.messages, req.tools)
         else:
             ids = self.tokenizer.encode(req.text or "", add_special_tokens=req.add_special_tokens)
         return TokenizeReply(req.rid, ids, "")
 
-    def _chat(self, messages: list[dict]) -> list[int]:
+    def _chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         try:
-            return self.tokenizer.apply_chat_template(messages)
+            return self.tokenizer.apply_chat_template(messages, tools)
         except ChatTemplateError as e:
             raise Invalid(str(e), "messages") from None
 
@@ -82,7 +82,7 @@ class Tokenize:
 
     def __call__(self, req: GenerateRequest) -> list[int]:
         if req.messages is not None:
-            ids = self._chat(req.messages)
+            ids = self._chat(req.messages, req.tools)
         elif req.prompt_ids is not None:
             self._check_ids(req.prompt_ids, "prompt")
             ids = list(req.prompt_ids)
@@ -115,7 +115,7 @@ class Tokenize:
 
 
 def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -> None:
-    tokenize = Tokenize(TextTokenizer(model.hf_dir), model.max_model_len, config.engine.kv_pool_tokens,
+    tokenize = Tokenize(TextTokenizer(model.hf_dir, config.model.chat_template or None), model.max_model_len, config.engine.kv_pool_tokens,
                         constraints.vocabulary(model.hf_dir, model.eos_token_ids))
     ctx = zmq.Context.instance()
     front = socket(ctx, zmq.ROUTER, eps.tokenizer, bind=True)
