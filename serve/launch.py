@@ -14,6 +14,8 @@ import os
 import shutil
 import signal
 import socket as pysocket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -76,10 +78,28 @@ def check_port(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pass --port with a free port") from None
 
 
+# Run by a small process of its own beside the launcher: it blocks until the launcher's end of a pipe
+# closes, which any death closes, SIGKILL included; then, once the children (killed with the launcher)
+# are gone, it removes the ipc directory. Ctrl-C and SIGTERM to the process group do not stop it early.
+_JANITOR = """import shutil, signal, sys, time
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+if sys.stdin.buffer.read() != b"removed":  # what a launcher that cleaned up says before it closes
+    time.sleep(1.0)
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
+def janitor(ipc_dir: str) -> subprocess.Popen:
+    """The process that removes `ipc_dir` when the launcher is gone, however it went."""
+    return subprocess.Popen([sys.executable, "-c", _JANITOR, ipc_dir], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+
 class Launcher:
     def __init__(self, config: Config, model: ModelInfo) -> None:
         self.config, self.model = config, model
         self.eps = Endpoints(make_ipc_dir())
+        self.janitor = janitor(self.eps.ipc_dir)
         # prometheus-client's multiprocess mode: every child inherits this and writes its samples there;
         # the api's /metrics adds them up (serve/metrics.py).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(self.eps.ipc_dir, "metrics")
@@ -217,6 +237,7 @@ class Launcher:
         self.events.close()
         self.ctx.term()
         shutil.rmtree(self.eps.ipc_dir, ignore_errors=True)
+        self.janitor.communicate(b"removed", timeout=5)
 
     @staticmethod
     def _end(children: list[Child], sig: int, timeout: float) -> None:
