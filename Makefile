@@ -5,7 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/smollm2-135m-instruct.yaml
 
-.PHONY: setup native serve test bench bench-features bench-peers bench-profile bench-formats bench-structured clean
+# smg, the SGLang model gateway, in a venv of its own (it and sglang-router both install bin/smg): the
+# replica tests and `make serve-replicas` put it in front of our servers.
+ROUTERS := $(or $(SERVE_CACHE_DIR),$(HOME)/.cache/serve)/routers
+SMG     := $(ROUTERS)/smg/bin/smg
+N       ?= 2
+
+.PHONY: setup native router serve-replicas serve test bench bench-features bench-peers bench-profile bench-formats bench-structured clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +30,18 @@ native: setup
 serve: native
 	$(VENV)/bin/serve launch --config $(CONFIG) $(ARGS)
 
-test: native
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+$(SMG):
+	$(PYTHON) -m venv $(ROUTERS)/smg
+	$(ROUTERS)/smg/bin/pip install -q 'smg==1.13.0'
+
+router: $(SMG)
+
+# N replicas of the default model behind smg on port 8000 (replicas on 8001..); Ctrl-C stops them all.
+serve-replicas: native router
+	$(VENV)/bin/serve replicas --n $(N) --router $(SMG) -- --config $(CONFIG) $(ARGS)
+
+test: native router
+	SERVE_SMG=$(SMG) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: native
 	$(PY) bench/bench_serving.py $(ARGS)

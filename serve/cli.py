@@ -37,7 +37,10 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--log-requests", action="store_const", const=True, help="log a line per finished request")
     launch.add_argument("--api-key", help="require this Bearer key on /v1/* and the other endpoints (not /health); default $SERVE_API_KEY")
     launch.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field, e.g. engine.max_running_requests=8")
+    from serve import replicas
     from serve.bench import load, transports
+
+    replicas.add_arguments(sub.add_parser("replicas", help="N servers behind the SGLang model gateway (smg), stopped together with Ctrl-C"))
 
     load.add_arguments(sub.add_parser("bench", help="load-test an OpenAI-compatible server (ours or another)"))
     transports.add_arguments(sub.add_parser("bench-zmq", help="ZeroMQ transports and patterns, measured on this machine"))
@@ -46,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in ("bench", "bench-zmq"):
+    if args.command in ("bench", "bench-zmq", "replicas"):
         return args.run(args)
     try:
         if args.config is None and args.model is None and DEFAULT_CONFIG.is_file():

@@ -28,7 +28,7 @@ class _Server(uvicorn.Server):
 async def _serve(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -> None:
     bridge = Bridge(eps, model.served_name, config.server.log_requests)
     bridge.start()
-    app = create_app(bridge, model, config.server)
+    app = create_app(bridge, model, config.server, config.engine, config.model.path)
     server = _Server(uvicorn.Config(
         app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
         access_log=config.server.log_level == "debug", timeout_graceful_shutdown=1,

@@ -25,7 +25,8 @@ from serve import metrics
 from serve.api import schemas as S
 from serve.api import tools
 from serve.api.bridge import Bridge
-from serve.api.pipeline import Processes
+from serve.api.loads import Loads
+from serve.api.pipeline import Processes, from_metrics
 from serve.api.pipeline import snapshot as pipeline_snapshot
 from serve.api.protocol import (
     AbortBody, APIError, BodyLimit, ChatCompletionRequest, CompletionRequest, DetokenizeBody, Gate, TokenizeBody,
@@ -36,7 +37,7 @@ from serve.constraints import Constraint
 from serve.messages import (
     AbortRequest, GenerateRequest, RequestError, RequestOutput, SamplingParams, TokenizeReply, TokenizeRequest, encode,
 )
-from serve.config import ServerConfig
+from serve.config import EngineConfig, ServerConfig
 from serve.model_files import ModelInfo
 
 try:
@@ -68,8 +69,10 @@ class Drain:
             await asyncio.sleep(0.05)
 
 
-def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = None) -> FastAPI:
+def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = None, engine: EngineConfig | None = None,
+               model_path: str = "") -> FastAPI:
     server = server or ServerConfig()
+    loads = Loads(model, engine or EngineConfig(), model_path or model.hf_dir, VERSION)
     app = FastAPI(title="serve", version=VERSION)
     app.state.drain = drain = Drain(bridge, server.shutdown_timeout_s)
     app.add_exception_handler(APIError, api_error_handler)
@@ -128,6 +131,31 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
         if data is None:
             raise APIError(503, "the scheduler did not answer in time", type="service_unavailable")
         return JSONResponse(data)
+
+    async def scheduler_stats() -> dict:
+        data = await bridge.ask("stats", timeout_s=2.0)
+        if data is None:
+            raise APIError(503, "the scheduler did not answer in time", type="service_unavailable")
+        return data
+
+    # What routers read to balance replicas (serve/api/loads.py): smg's, SGLang's, and server/model info.
+    @app.get("/v1/loads", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **S.ERRORS})
+    async def v1_loads() -> dict:
+        return loads.worker_load(await scheduler_stats(), from_metrics()["tokens"]["generation"])
+
+    @app.get("/get_load", responses={200: {"content": {"application/json": {"schema": {"type": "array"}}}}, **S.ERRORS})
+    async def get_load() -> list:
+        return loads.sglang_load(await scheduler_stats())
+
+    @app.get("/server_info", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **S.ERRORS})
+    @app.get("/get_server_info", include_in_schema=False)
+    async def server_info() -> dict:
+        return loads.server_info()
+
+    @app.get("/model_info", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **S.ERRORS})
+    @app.get("/get_model_info", include_in_schema=False)
+    async def model_info() -> dict:
+        return loads.model_info()
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def get_metrics() -> Response:

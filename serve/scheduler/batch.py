@@ -104,6 +104,7 @@ class Batcher:
         self.running: list[Req] = []  # in admission order
         self.step_no = 0
         self.preemptions = 0
+        self.prompt_tokens = 0  # of every request admitted (the prefix cache's hit rate is over these)
         self.decode = decode  # for stop strings
         self.groups: dict[str, Req | None] = {}  # group -> its leader while that prefills, None once cached
         self.cache_lookups = 0  # prompt tokens looked up in the prefix cache (cache.hits of them found)
@@ -144,6 +145,7 @@ class Batcher:
     # --- arrivals and departures ---------------------------------------------------------------
 
     def add(self, req: Req) -> None:
+        self.prompt_tokens += len(req.prompt_ids)
         if req.sampling.stop and self.decode is not None:
             req.text = TextStream(self.decode, req.sampling.stop, req.sampling.include_stop_str_in_output,
                                   req.prompt_ids[-CONTEXT_TOKENS:])
@@ -355,6 +357,7 @@ class Batcher:
             "pool_tokens_used": self.pool.slots.used - cached, "pool_tokens_cached": cached,
             "pool_tokens_free": self.pool.slots.free, "cache_hit_tokens": self.cache.hits if self.cache else 0,
             "rows_used": self.pool.rows.used, "rows_free": self.pool.rows.free,
+            "waiting_tokens": sum(len(r.prompt_ids) for r in self.waiting), "prompt_tokens": self.prompt_tokens,
         }
 
 

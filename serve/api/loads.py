@@ -1,0 +1,65 @@
+"""What the routers that put replicas behind one endpoint read from a worker, in their own shapes:
+smg's `GET /v1/loads` (WorkerLoadResponse), SGLang's `GET /get_load` (an array per DP rank), and
+`/server_info` + `/model_info` (with SGLang's `/get_server_info`, `/get_model_info` aliases). The
+numbers are the scheduler's, asked over the control channel as /stats asks them."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from serve.config import EngineConfig
+from serve.model_files import ModelInfo
+
+
+class Loads:
+    def __init__(self, model: ModelInfo, engine: EngineConfig, model_path: str, version: str) -> None:
+        self.model, self.engine, self.model_path, self.version = model, engine, model_path, version
+        self.last: tuple[float, float] | None = None  # (time, tokens generated) at the last /v1/loads
+        self.rate = 0.0
+
+    def worker_load(self, stats: dict, generated: float) -> dict:
+        """smg's WorkerLoadResponse: one entry, DP rank 0."""
+        now = time.monotonic()
+        if self.last is not None and now > self.last[0]:
+            self.rate = max(0.0, (generated - self.last[1]) / (now - self.last[0]))
+        self.last = (now, generated)
+        total = self.engine.kv_pool_tokens
+        used = stats["pool_tokens_used"]
+        running, waiting = stats["running"], stats["waiting"]
+        return {
+            "timestamp": datetime.now(timezone.utc).isoformat(), "dp_rank_count": 1,
+            "loads": [{
+                "dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": waiting,
+                "num_waiting_uncached_tokens": stats.get("waiting_tokens", 0), "num_total_reqs": running + waiting,
+                "num_used_tokens": used, "max_total_num_tokens": total, "token_usage": round(used / total, 4),
+                "gen_throughput": round(self.rate, 1),
+                "cache_hit_rate": round(stats["cache_hit_tokens"] / stats["prompt_tokens"], 4) if stats.get("prompt_tokens") else 0.0,
+                "utilization": round(running / self.engine.max_running_requests, 4),
+                "max_running_requests": self.engine.max_running_requests,
+            }],
+        }
+
+    @staticmethod
+    def sglang_load(stats: dict) -> list[dict]:
+        """SGLang's /get_load: what sglang-router's power_of_two reads."""
+        return [{"dp_rank": 0, "num_reqs": stats["running"] + stats["waiting"], "num_waiting_reqs": stats["waiting"],
+                 "num_tokens": stats["pool_tokens_used"]}]
+
+    def server_info(self) -> dict:
+        return {
+            "model_path": self.model_path, "served_model_name": self.model.served_name, "tokenizer_path": self.model.hf_dir,
+            "dp_size": 1, "tp_size": self.engine.tp, "max_total_tokens": self.engine.kv_pool_tokens,
+            "max_running_requests": self.engine.max_running_requests, "context_length": self.model.max_model_len,
+            "version": self.version, "engine": "serve",
+        }
+
+    def model_info(self) -> dict:
+        try:
+            architectures = json.loads((Path(self.model.hf_dir) / "config.json").read_text()).get("architectures", [])
+        except (OSError, ValueError):
+            architectures = []
+        return {"model_path": self.model_path, "tokenizer_path": self.model.hf_dir, "is_generation": True,
+                "model_type": self.model.model_type, "architectures": architectures, "served_model_name": self.model.served_name}
