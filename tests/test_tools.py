@@ -15,7 +15,6 @@ import pytest
 
 from serve.api.tools import ToolParser, message
 from tests.conftest import TINY_NAME
-from tests.server import Server
 
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
            "required": ["city", "days"], "additionalProperties": False}
@@ -129,13 +128,23 @@ def test_bad_tool_requests_are_400(long_server, body, param):
     assert r.json()["error"]["param"] == param
 
 
-def test_a_config_template_replaces_the_models(long_model, tmp_path):
+def test_a_config_template_replaces_the_models(tiny_model, tmp_path):
+    """model.chat_template (--chat-template) names the template every request gets, tools or not."""
+    from serve.config import Config, ConfigError, validate
+    from serve.text import TextTokenizer
+
     template = tmp_path / "mine.jinja"
     template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if tools %}TOOLS {{ tools | length }}\n{% endif %}>")
-    with Server("--model", str(long_model), "--served-name", TINY_NAME, "--dtype", "float32", "--chat-template", str(template)) as server:
-        ids = httpx.post(f"{server.url}/tokenize", json={"messages": ASK, "tools": TOOLS}).json()["tokens"]
-        text = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
-    assert text == f"[user] {ASK[0]['content']}\nTOOLS 2\n>"
+    tok = TextTokenizer(tiny_model, template)
+    assert tok.decode(tok.apply_chat_template(ASK, TOOLS)) == f"[user] {ASK[0]['content']}\nTOOLS 2\n>"
+    assert tok.decode(tok.apply_chat_template(ASK)) == f"[user] {ASK[0]['content']}\n>"
+    # Without one, a template that knows no tools (the tiny model's is ChatML) gets ours for tool requests only.
+    plain = TextTokenizer(tiny_model)
+    assert "<tools>" in plain.decode(plain.apply_chat_template(ASK, TOOLS)) and "<tools>" not in plain.decode(plain.apply_chat_template(ASK))
+    config = Config()
+    config.model.path, config.model.chat_template = str(tiny_model), str(tmp_path / "missing.jinja")
+    with pytest.raises(ConfigError, match="model.chat_template: no such file"):
+        validate(config)
 
 
 # The parser on what a tool-tuned model writes (Hermes format), whole and split at random points.
