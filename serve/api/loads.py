@@ -10,6 +10,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from typing import Awaitable, Callable
+
+from fastapi import FastAPI
+
+from serve.api import schemas as S
+from serve.api.pipeline import from_metrics
 from serve.config import EngineConfig
 from serve.model_files import ModelInfo
 
@@ -63,3 +69,26 @@ class Loads:
             architectures = []
         return {"model_path": self.model_path, "tokenizer_path": self.model.hf_dir, "is_generation": True,
                 "model_type": self.model.model_type, "architectures": architectures, "served_model_name": self.model.served_name}
+
+
+def add_load_routes(app: FastAPI, loads: Loads, scheduler_stats: Callable[[], Awaitable[dict]]) -> None:
+    def shape(kind: str) -> dict:
+        return {200: {"content": {"application/json": {"schema": {"type": kind}}}}, **S.ERRORS}
+
+    @app.get("/v1/loads", responses=shape("object"))
+    async def v1_loads() -> dict:
+        return loads.worker_load(await scheduler_stats(), from_metrics()["tokens"]["generation"])
+
+    @app.get("/get_load", responses=shape("array"))
+    async def get_load() -> list:
+        return loads.sglang_load(await scheduler_stats())
+
+    @app.get("/server_info", responses=shape("object"))
+    @app.get("/get_server_info", include_in_schema=False)
+    async def server_info() -> dict:
+        return loads.server_info()
+
+    @app.get("/model_info", responses=shape("object"))
+    @app.get("/get_model_info", include_in_schema=False)
+    async def model_info() -> dict:
+        return loads.model_info()

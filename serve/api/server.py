@@ -25,8 +25,8 @@ from serve import metrics
 from serve.api import schemas as S
 from serve.api import tools
 from serve.api.bridge import Bridge
-from serve.api.loads import Loads
-from serve.api.pipeline import Processes, from_metrics
+from serve.api.loads import Loads, add_load_routes
+from serve.api.pipeline import Processes
 from serve.api.pipeline import snapshot as pipeline_snapshot
 from serve.api.protocol import (
     AbortBody, APIError, BodyLimit, ChatCompletionRequest, CompletionRequest, DetokenizeBody, Gate, TokenizeBody,
@@ -124,38 +124,18 @@ def create_app(bridge: Bridge, model: ModelInfo, server: ServerConfig | None = N
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/stats", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **S.ERRORS})
-    async def stats() -> JSONResponse:
-        """The scheduler's own numbers (running, waiting, KV pool use), asked over the control channel."""
-        data = await bridge.ask("stats", timeout_s=2.0)
-        if data is None:
-            raise APIError(503, "the scheduler did not answer in time", type="service_unavailable")
-        return JSONResponse(data)
-
     async def scheduler_stats() -> dict:
         data = await bridge.ask("stats", timeout_s=2.0)
         if data is None:
             raise APIError(503, "the scheduler did not answer in time", type="service_unavailable")
         return data
 
-    # What routers read to balance replicas (serve/api/loads.py): smg's, SGLang's, and server/model info.
-    @app.get("/v1/loads", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **S.ERRORS})
-    async def v1_loads() -> dict:
-        return loads.worker_load(await scheduler_stats(), from_metrics()["tokens"]["generation"])
+    @app.get("/stats", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **S.ERRORS})
+    async def stats() -> JSONResponse:
+        """The scheduler's own numbers (running, waiting, KV pool use), asked over the control channel."""
+        return JSONResponse(await scheduler_stats())
 
-    @app.get("/get_load", responses={200: {"content": {"application/json": {"schema": {"type": "array"}}}}, **S.ERRORS})
-    async def get_load() -> list:
-        return loads.sglang_load(await scheduler_stats())
-
-    @app.get("/server_info", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **S.ERRORS})
-    @app.get("/get_server_info", include_in_schema=False)
-    async def server_info() -> dict:
-        return loads.server_info()
-
-    @app.get("/model_info", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **S.ERRORS})
-    @app.get("/get_model_info", include_in_schema=False)
-    async def model_info() -> dict:
-        return loads.model_info()
+    add_load_routes(app, loads, scheduler_stats)  # what routers read to balance replicas
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def get_metrics() -> Response:

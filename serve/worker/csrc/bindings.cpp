@@ -1,5 +1,6 @@
 // The Python module of our CPU kernels (serve/worker/native.py builds and loads it).
 
+#include <torch/csrc/utils/pybind.h>  // pybind11 with torch.Tensor conversions
 #include "common.h"
 
 #include <string>

@@ -2,7 +2,7 @@
 
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h: these files need no autograd or Python (seconds of compile each)
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 

@@ -6,6 +6,7 @@
 // weights' streaming time. Here the same kernels run in the same order on the same data, so the
 // results are the per-call path's bit for bit; only the Python between them is gone.
 
+#include <torch/csrc/utils/pybind.h>  // pybind11 with torch.Tensor conversions
 #include "common.h"
 
 namespace serve_native {
