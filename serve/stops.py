@@ -70,10 +70,13 @@ class TextStream:
 
     def _held(self) -> int:
         """Length of the longest end of the text that is the start of some stop string."""
-        longest = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text) - self.sent), longest, -1):
-                if self.text.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest
+        return max((held_back(self.text, s, len(self.text) - self.sent) for s in self.stop), default=0)
+
+
+def held_back(text: str, tag: str, most: int | None = None) -> int:
+    """The length of the longest end of `text` (at most `most` characters) that begins `tag`: what may
+    still become the tag, and so must not be sent yet (stop strings here, tool-call tags in the api)."""
+    for n in range(min(len(tag) - 1, len(text) if most is None else most), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0

@@ -23,6 +23,7 @@ from typing import Any
 
 from serve.api.protocol import APIError
 from serve.constraints import MAX_SPEC_BYTES, Constraint
+from serve.stops import held_back
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # The start of a call's body up to its arguments: the name is sent as soon as this matches.
@@ -155,7 +156,7 @@ class ToolParser:
             if self.call is None:
                 at = text.find(OPEN)
                 if at < 0:
-                    keep = _partial_suffix(text, OPEN)
+                    keep = held_back(text, OPEN)
                     out.text(self, text[:len(text) - keep])
                     self.held = text[len(text) - keep:]
                     return out.value()
@@ -203,7 +204,7 @@ class ToolParser:
             end = end[:-1] if end.endswith("}") else end
             args = end.rstrip()
         else:  # hold back what may be the object's closing brace, whitespace, or a partial </tool_call>
-            args = raw[:len(raw) - _partial_suffix(raw, CLOSE)].rstrip(" \n\t}")
+            args = raw[:len(raw) - held_back(raw, CLOSE)].rstrip(" \n\t}")
         if len(args) > call.sent and args.startswith(call.arguments):
             out.call(call.index, {"function": {"arguments": args[call.sent:]}})
             call.sent, call.arguments = len(args), args
@@ -268,14 +269,6 @@ def merge(a: dict, b: dict) -> dict:
             index = part.pop("index")
             out.call(index, part)
     return out.value()
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that begins `tag` (what may still become the tag)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 def message(parser: ToolParser) -> dict:
