@@ -11,7 +11,7 @@ ROUTERS := $(or $(SERVE_CACHE_DIR),$(HOME)/.cache/serve)/routers
 SMG     := $(ROUTERS)/smg/bin/smg
 N       ?= 2
 
-.PHONY: setup native router serve-replicas serve test bench bench-features bench-peers bench-profile bench-formats bench-structured clean
+.PHONY: setup native router serve-replicas serve test bench bench-features bench-peers bench-profile bench-formats bench-structured bench-nodes clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ bench-formats: native
 # What structured outputs cost: compile times, the mask per step, 32 streams with half of them under a JSON schema.
 bench-structured: native
 	$(PY) bench/structured.py $(ARGS)
+
+# Tensor parallelism over two nodes (two process trees here) against one: ITL at 1 and 8 streams (bench/nodes.py).
+bench-nodes: native
+	$(PY) bench/nodes.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

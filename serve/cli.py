@@ -36,6 +36,10 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     launch.add_argument("--log-requests", action="store_const", const=True, help="log a line per finished request")
     launch.add_argument("--api-key", help="require this Bearer key on /v1/* and the other endpoints (not /health); default $SERVE_API_KEY")
+    launch.add_argument("--nnodes", type=int, help="machines this server spans (each runs this same command); --tp is the total")
+    launch.add_argument("--node-rank", type=int, help="this machine's place among them: 0 runs the api, 1.. only their ranks")
+    launch.add_argument("--dist-init-addr", metavar="HOST:PORT", help="node 0's address; PORT to PORT+3 are used (default 127.0.0.1:25000)")
+    launch.add_argument("--cluster-key", metavar="FILE", help="CURVE key file for the nodes' tcp traffic (node 0 creates it if missing)")
     launch.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field, e.g. engine.max_running_requests=8")
     from serve import replicas
     from serve.bench import load, transports
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             "engine.chunked_prefill_tokens": args.chunked_prefill_tokens, "engine.prefix_cache": args.prefix_cache,
             "engine.overlap": args.overlap, "engine.cpu_kernels": args.cpu_kernels, "engine.kv_cache_dtype": args.kv_cache_dtype,
             "engine.cpu_isa": args.cpu_isa,
+            "cluster.nnodes": args.nnodes, "cluster.node_rank": args.node_rank, "cluster.dist_init_addr": args.dist_init_addr,
+            "cluster.key_file": args.cluster_key and str(Path(args.cluster_key).resolve()),
             "server.api_key": args.api_key or os.environ.get("SERVE_API_KEY"),
             **parse_settings(args.set),
         })

@@ -97,10 +97,28 @@ class ServerConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Tensor parallelism over several machines (serve/cluster.py): every node runs the same command, with
+    its own node_rank; engine.tp is the total over all nodes."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    # Node 0's address and a port: torch.distributed's store listens on PORT, our ZeroMQ tcp endpoints on
+    # PORT+1..PORT+3, bound on this address only.
+    dist_init_addr: str = "127.0.0.1:25000"
+    # The CURVE key pair every node's tcp traffic is encrypted and admitted with. Node 0 writes a new one
+    # there if the file does not exist; copy it to the other nodes. Needed with nnodes > 1.
+    key_file: str = ""
+    # How long node 0 waits for every other node to join (and a node R for node 0) before giving up.
+    join_timeout_s: float = 300.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -198,3 +216,32 @@ def validate(config: Config) -> None:
         raise ConfigError("engine.chunked_prefill_tokens must be >= 0 (0: off) and engine.max_prefill_tokens >= 1")
     if not config.model.path:
         raise ConfigError("no model given: set model.path in the config or pass --model PATH")
+    _validate_cluster(config)
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """"HOST:PORT" or "[V6]:PORT" as (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 - 3:
+        raise ConfigError(f"cluster.dist_init_addr must be HOST:PORT (node 0's address and a free port, "
+                          f"e.g. 10.0.0.1:25000; PORT to PORT+3 are used), got {addr!r}")
+    return host, int(port)
+
+
+def _validate_cluster(config: Config) -> None:
+    c = config.cluster
+    if c.nnodes < 1 or not 0 <= c.node_rank < c.nnodes:
+        raise ConfigError(f"cluster: --node-rank must be 0 to nnodes - 1 and --nnodes at least 1, got node rank "
+                          f"{c.node_rank} of {c.nnodes}")
+    if c.nnodes == 1:
+        return
+    if config.engine.tp % c.nnodes:
+        raise ConfigError(f"engine.tp ({config.engine.tp}) must be a multiple of cluster.nnodes ({c.nnodes}): "
+                          f"--tp is the total over all nodes, e.g. --tp {c.nnodes} for one rank per node")
+    split_addr(c.dist_init_addr)
+    if not c.key_file:
+        raise ConfigError("cluster: more than one node needs --cluster-key FILE (node 0 writes a new key there if "
+                          "there is none; copy that file to every other node)")
+    if c.node_rank > 0 and not Path(c.key_file).is_file():
+        raise ConfigError(f"cluster.key_file {c.key_file} not found: copy the key file node 0 wrote to this node")

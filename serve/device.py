@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from serve import isa
+from serve.cluster import interface_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,13 +25,18 @@ def cpu_has_native_bf16(cpu_isa: str = "auto") -> bool:
     return isa.native_bf16(isa.chosen(cpu_isa))
 
 
-def place(rank: int, dtype: str, quantization: str = "auto", cpu_isa: str = "auto", gguf: bool = False) -> Placement:
-    # The ranks of one server share a machine: their collectives' own TCP sockets stay on loopback
-    # (gloo and NCCL otherwise pick the interface the host name resolves to). A user may override.
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+def place(local_rank: int, dtype: str, quantization: str = "auto", cpu_isa: str = "auto", gguf: bool = False,
+          dist_host: str | None = None) -> Placement:
+    """`local_rank`: the rank's place among this machine's ranks. `dist_host`: node 0's address, when the
+    ranks span machines."""
+    # The collectives' own TCP sockets go out on the interface that reaches node 0 (loopback when all ranks
+    # share this machine); gloo and NCCL otherwise pick the one this machine's host name resolves to, a
+    # classic multi-node hang. GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME set by the user win.
+    ifname = (interface_for(dist_host) if dist_host else None) or "lo"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", ifname)
     if torch.cuda.is_available():
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         backend = "nccl"
         native_bf16 = torch.cuda.is_bf16_supported()

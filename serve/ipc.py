@@ -74,7 +74,8 @@ def make_ipc_dir() -> str:
     return tempfile.mkdtemp(prefix="serve-", dir="/tmp")
 
 
-def socket(ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool, identity: bytes | None = None) -> zmq.Socket:
+def socket(ctx: zmq.Context, kind: int, endpoint: str | None, *, bind: bool, identity: bytes | None = None) -> zmq.Socket:
+    """A socket with our options, bound or connected to `endpoint` (None: not yet; see serve/cluster.py)."""
     sock = ctx.socket(kind)
     # Never block process exit on undelivered messages: a stopping server drops them on purpose.
     sock.setsockopt(zmq.LINGER, 0)
@@ -93,6 +94,8 @@ def socket(ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool, identity: 
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.setsockopt(zmq.RCVHWM, 0)
+    if endpoint is None:
+        return sock
     if bind:
         sock.bind(endpoint)
     else:

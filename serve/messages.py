@@ -196,6 +196,9 @@ class Hello:
     """Published until every rank answers, so no rank misses the first plan (PUB's slow joiner)."""
 
     nonce: int
+    # time.time_ns() - time.monotonic_ns() on the scheduler's machine: a rank on another machine turns the
+    # plans' monotonic `sent_ns` into its own clock with it (through the wall clocks, NTP-synced).
+    clock_ns: int = 0
 
 
 @message(13)
@@ -294,6 +297,64 @@ class Ready:
 class StartupFailed:
     name: str
     error: str
+
+
+@message(45)
+class Crashed:
+    """A child's last words: the error that ends it, sent to the launcher before it exits."""
+
+    name: str
+    error: str
+
+
+@message(43)
+class Stopping:
+    """Published by the launcher before it stops a broken server (a child or a node died): the api fails
+    every request in flight with this reason and answers /health with 503 until it is stopped."""
+
+    reason: str
+
+
+@message(44)
+class RemoteProcesses:
+    """Published by node 0's launcher with each heartbeat of node R: its processes, for /pipeline."""
+
+    node_rank: int
+    host: str
+    processes: list[dict[str, Any]]
+    hops: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- node R's launcher <-> node 0's launcher (DEALER/ROUTER over tcp, serve/nodes.py) ---------------
+
+
+@message(50)
+class NodeBeat:
+    """Sent every second both ways; the first one from node R is its join. `config` is a digest of what
+    must agree across nodes (model, engine, tp)."""
+
+    node_rank: int
+    host: str = ""
+    config: str = ""
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    hops: list[dict[str, Any]] = field(default_factory=list)  # its ranks' tcp hop: count, sum, p50, p99
+
+
+@message(51)
+class NodeReady:
+    """Node R's processes have all started: what each reported, for node 0's banner."""
+
+    node_rank: int
+    rows: list[list[Any]]  # [name, pid, info, sockets]
+
+
+@message(52)
+class NodeDown:
+    """A node is stopping, and why: the others stop too (the ranks cannot run without it)."""
+
+    node_rank: int
+    reason: str
+    clean: bool = False  # stopped by its operator (Ctrl-C, SIGTERM), not by a fault
 
 
 # --- codec -------------------------------------------------------------------------------------

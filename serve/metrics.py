@@ -23,6 +23,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The six hops a request's messages take, in order (label values of serve:zmq_hop_seconds).
 HOPS = ("api->tokenizer", "tokenizer->scheduler", "scheduler->workers", "rank0->scheduler",
         "scheduler->detokenizer", "detokenizer->api")
+# The plans' hop to the ranks of other nodes, observed there (serve/worker/main.py) and shown by node 0's
+# /pipeline from their heartbeats (serve/nodes.py).
+TCP_HOP = "scheduler->workers (tcp)"
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
             20.0, 40.0, 80.0, 160.0)
@@ -88,7 +91,7 @@ class Hop:
     send and the moment the receiver began waiting (`idle_since_ns`)."""
 
     def __init__(self, hop: str, model_name: str) -> None:
-        assert hop in HOPS, hop
+        assert hop in HOPS or hop == TCP_HOP, hop
         self.child = HOP.labels(hop, model_name)
 
     def observe(self, sent_ns: int, idle_since_ns: int) -> None:

@@ -6,6 +6,7 @@ import ctypes
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -83,6 +84,18 @@ class Reporter:
 
         self._send(StartupFailed(self.name, error))
 
+    def crashed(self, error: str) -> None:
+        from serve.messages import Crashed
+
+        self._send(Crashed(self.name, error))
+
+
+def last_words(e: BaseException) -> str:
+    """An exception as one short line: gloo's, for one, start with a source path and end in advice."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    first = re.sub(r"^\[[^\]]*\] ", "", first)
+    return f"{type(e).__name__}: {first[:160]}"
+
 
 def child_main(name: str, log_level: str, parent: int, launcher_endpoint: str, target: str, *args: Any) -> None:
     """Entry point of every spawned child: `target(reporter, *args)` runs the process's loop.
@@ -108,4 +121,39 @@ def child_main(name: str, log_level: str, parent: int, launcher_endpoint: str, t
             log.debug("start-up failed:\n%s", traceback.format_exc())
         else:
             log.error("crashed:\n%s", traceback.format_exc())
+            reporter.crashed(last_words(e))
         sys.exit(1)
+
+
+class Processes:
+    """The `serve:` processes of one server (a launcher and its children, found by their titles) with pid,
+    state, CPU and memory, for /pipeline. psutil handles are kept between calls: CPU percent is measured
+    from one call to the next."""
+
+    def __init__(self, launcher: int | None = None) -> None:
+        self.launcher = launcher  # default: our parent (the api asks about its launcher)
+        self.known: dict = {}
+
+    def snapshot(self) -> list[dict]:
+        import psutil
+
+        try:
+            launcher = psutil.Process(self.launcher or os.getppid())
+            procs = [launcher, *launcher.children()]
+        except psutil.NoSuchProcess:
+            procs = [psutil.Process()]
+        out = []
+        for p in procs:
+            p = self.known.setdefault(p.pid, p)
+            try:
+                with p.oneshot():
+                    title = (p.cmdline() or [""])[0]
+                    if not title.startswith("serve:"):
+                        continue  # e.g. multiprocessing's resource tracker
+                    out.append({"name": title.removeprefix("serve:"), "pid": p.pid, "state": p.status(),
+                                "cpu_percent": p.cpu_percent(), "rss_bytes": p.memory_info().rss})
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+        live = {p["pid"] for p in out}
+        self.known = {pid: p for pid, p in self.known.items() if pid in live}
+        return out

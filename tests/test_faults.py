@@ -334,6 +334,7 @@ def test_children_import_nothing_heavy_before_they_die_with_the_launcher(tiny_mo
     seconds in which the launcher's death would go unnoticed. Each child imports its own code later."""
     from multiprocessing.reduction import ForkingPickler
 
+    from serve.cluster import Layout
     from serve.config import Config
     from serve.ipc import Endpoints
     from serve.launch import _children
@@ -344,7 +345,7 @@ def test_children_import_nothing_heavy_before_they_die_with_the_launcher(tiny_mo
     config.model.path, config.engine.tp = str(tiny_model), 2
     model, eps = resolve_model(config), Endpoints(str(tmp_path))
     calls = [(child_main, (name, "info", os.getpid(), eps.launcher, target, config, model, eps, *extra))
-             for name, target, *extra in _children(config)]
+             for name, target, *extra in _children(Layout.of(config))]
     heavy = ["torch", "transformers", "fastapi", "uvicorn", "starlette", "pydantic", "tokenizers", "jinja2", "numpy"]
     probe = (f"import pickle, sys; import serve.cli; pickle.loads(sys.stdin.buffer.read()); "
              f"print([m for m in {heavy!r} if m in sys.modules])")

@@ -20,7 +20,7 @@ from serve import metrics
 from serve.ipc import Endpoints, socket
 from serve.messages import (
     AbortRequest, ControlReply, ControlRequest, GenerateRequest, OutputBatch, Probe, RequestError, RequestOutput,
-    StageRestarted, TokenizeReply, TokenizeRequest, decode, encode,
+    RemoteProcesses, StageRestarted, Stopping, TokenizeReply, TokenizeRequest, decode, encode,
 )
 
 log = logging.getLogger("serve.api")
@@ -89,6 +89,8 @@ class Bridge:
         self.control_lock = asyncio.Lock()
         self.queues: dict[str, asyncio.Queue] = {}
         self.live: set[str] = set()  # generation requests not finished yet
+        self.stopping: str | None = None  # why the launcher is stopping a broken server (a Stopping event)
+        self.remote: dict[int, RemoteProcesses] = {}  # the other nodes' processes, by node rank
         self.tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -118,6 +120,13 @@ class Bridge:
                     self.queues[rid].put_nowait(RequestError(
                         rid, 503, f"the {msg.name} restarted while this request was running; send it again",
                         code="stage_restarted"))
+            elif isinstance(msg, Stopping):
+                self.stopping = msg.reason
+                for rid in list(self.live):
+                    self.queues[rid].put_nowait(RequestError(
+                        rid, 503, f"the server is stopping: {msg.reason}", code="server_stopping"))
+            elif isinstance(msg, RemoteProcesses):
+                self.remote[msg.node_rank] = msg
             elif isinstance(msg, (RequestError, TokenizeReply, Probe)):
                 q = self.queues.get(msg.rid)
                 if q is not None:
@@ -157,6 +166,8 @@ class Bridge:
 
     async def probe(self, timeout_s: float) -> bool:
         """True if a probe made it through tokenizer, scheduler and detokenizer back to us in time."""
+        if self.stopping is not None:
+            return False
         rid = f"probe-{uuid.uuid4().hex}"
         try:
             await asyncio.wait_for(self._round_trip(rid, Probe(rid)), timeout_s)

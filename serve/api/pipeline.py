@@ -8,41 +8,10 @@ between two polls for rates.
 
 from __future__ import annotations
 
-import os
 import time
 
-import psutil
-
 from serve import metrics
-
-
-class Processes:
-    """psutil handles kept between polls: CPU percent is measured from one call to the next."""
-
-    def __init__(self) -> None:
-        self.known: dict[int, psutil.Process] = {}
-
-    def snapshot(self) -> list[dict]:
-        try:
-            launcher = psutil.Process(os.getppid())
-            procs = [launcher, *launcher.children()]
-        except psutil.NoSuchProcess:
-            procs = [psutil.Process()]
-        out = []
-        for p in procs:
-            p = self.known.setdefault(p.pid, p)
-            try:
-                with p.oneshot():
-                    title = (p.cmdline() or [""])[0]
-                    if not title.startswith("serve:"):
-                        continue  # e.g. multiprocessing's resource tracker
-                    out.append({"name": title.removeprefix("serve:"), "pid": p.pid, "state": p.status(),
-                                "cpu_percent": p.cpu_percent(), "rss_bytes": p.memory_info().rss})
-            except (psutil.NoSuchProcess, psutil.ZombieProcess):
-                continue
-        live = {p["pid"] for p in out}
-        self.known = {pid: p for pid, p in self.known.items() if pid in live}
-        return out
+from serve.proc import Processes
 
 
 def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
@@ -60,11 +29,11 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
     return lower
 
 
-def from_metrics() -> dict:
+def from_metrics(names: tuple[str, ...] = metrics.HOPS) -> dict:
     """Token and request counters, and per-hop count, sum, p50 and p99, from every process's samples."""
     tokens = {"prompt": 0.0, "generation": 0.0}
     finished: dict[str, float] = {}
-    hops = {h: {"count": 0.0, "sum_s": 0.0, "buckets": {}} for h in metrics.HOPS}
+    hops = {h: {"count": 0.0, "sum_s": 0.0, "buckets": {}} for h in names}
     for family in metrics.collect():
         for s in family.samples:
             if s.name == "serve:prompt_tokens_total":
@@ -92,12 +61,17 @@ def from_metrics() -> dict:
 
 async def snapshot(bridge, processes: Processes, model_name: str, started: float) -> dict:
     stats = await bridge.ask("stats", timeout_s=1.0)
+    local = from_metrics()
+    remote = [r for _, r in sorted(bridge.remote.items())]  # the other nodes, as their launchers last said (each second)
     return {
         "model": model_name,
         "time": time.time(),
         "uptime_s": time.time() - started,
         "processes": processes.snapshot(),
+        "nodes": [{"node_rank": r.node_rank, "host": r.host, "processes": r.processes} for r in remote],
         "api": {"in_flight": len(bridge.live)},
         "scheduler": stats,  # None when it did not answer within a second
-        **from_metrics(),
+        **local,
+        # and the plans' tcp hop to each other node, as its ranks saw it
+        "hops": local["hops"] + [{**h, "hop": f"{h['hop']} node {r.node_rank}"} for r in remote for h in r.hops],
     }

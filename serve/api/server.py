@@ -26,7 +26,6 @@ from serve.api import schemas as S
 from serve.api import tools
 from serve.api.bridge import Bridge
 from serve.api.loads import Loads, add_load_routes
-from serve.api.pipeline import Processes
 from serve.api.pipeline import snapshot as pipeline_snapshot
 from serve.api.protocol import (
     AbortBody, APIError, BodyLimit, ChatCompletionRequest, CompletionRequest, DetokenizeBody, Gate, TokenizeBody,
@@ -39,6 +38,7 @@ from serve.messages import (
 )
 from serve.config import EngineConfig, ServerConfig
 from serve.model_files import ModelInfo
+from serve.proc import Processes
 
 try:
     VERSION = version("serve")

@@ -15,6 +15,7 @@ from collections import deque
 import zmq
 
 from serve import metrics
+from serve.cluster import PLAN, RESULTS, Layout, bind_secure, start_auth
 from serve.config import Config
 from serve.ipc import Endpoints, drain, send, socket
 from serve.messages import (
@@ -53,6 +54,12 @@ class Scheduler:
         self.requests = socket(ctx, zmq.PULL, eps.scheduler, bind=True)
         self.plans = socket(ctx, zmq.PUB, eps.plan, bind=True)
         self.results = socket(ctx, zmq.PULL, eps.results, bind=True)
+        layout = Layout.of(config)
+        if layout.many:  # the other nodes' ranks reach the same two sockets over tcp, with CURVE
+            keys = layout.keys()
+            self.auth = start_auth(ctx, keys)
+            bind_secure(self.plans, layout.endpoint(PLAN, bind=True), keys)
+            bind_secure(self.results, layout.endpoint(RESULTS, bind=True), keys)
         self.control = socket(ctx, zmq.REP, eps.control, bind=True)
         self.events = socket(ctx, zmq.SUB, eps.events, bind=False)
         self.outputs = socket(ctx, zmq.PUSH, eps.detokenizer, bind=False)
@@ -72,7 +79,7 @@ class Scheduler:
         nonce = time.monotonic_ns()
         seen: set[int] = set()
         while len(seen) < self.tp:
-            send(self.plans, Hello(nonce))
+            send(self.plans, Hello(nonce, time.time_ns() - time.monotonic_ns()))
             if self.results.poll(100):
                 for msg in drain(self.results):
                     if isinstance(msg, HelloAck) and msg.nonce == nonce:

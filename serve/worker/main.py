@@ -10,10 +10,11 @@ import time
 import zmq
 
 from serve import isa
+from serve.cluster import PLAN, RESULTS, Layout, connect_secure
 from serve.config import Config
 from serve.ipc import Endpoints, recv, send, socket
 from serve.messages import Hello, HelloAck, Shutdown, StepPlan, StepResult
-from serve.metrics import Hop
+from serve.metrics import TCP_HOP, Hop
 from serve.model_files import ModelInfo
 from serve.proc import Reporter
 
@@ -40,11 +41,15 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     from serve.worker.model import Model
 
     tp = config.engine.tp
-    threads = config.engine.threads_per_rank or max(1, (os.cpu_count() or 1) // tp)
+    layout = Layout.of(config)  # which ranks run on this node, and how the others are reached
+    threads = config.engine.threads_per_rank or max(1, (os.cpu_count() or 1) // layout.tp_per_node)
     torch.set_num_threads(threads)
-    placement = place(rank, config.model.dtype, config.model.quantization, config.engine.cpu_isa, model_info.gguf_file is not None)
+    placement = place(rank - layout.ranks[0], config.model.dtype, config.model.quantization, config.engine.cpu_isa,
+                      model_info.gguf_file is not None, layout.host if layout.many else None)
     if tp > 1:
-        dist.init_process_group(placement.backend, init_method=eps.dist_init, rank=rank, world_size=tp)
+        # One node: a rendezvous file in the ipc directory (no port to collide on). Several: node 0's store.
+        init = layout.dist_init if layout.many else eps.dist_init
+        dist.init_process_group(placement.backend, init_method=init, rank=rank, world_size=tp)
     started = time.monotonic()
 
     def progress(done: int, total: int) -> None:  # rank 0 speaks for all: they load in step
@@ -64,23 +69,39 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
     load_s = time.monotonic() - started
 
     ctx = zmq.Context.instance()
-    plans = socket(ctx, zmq.SUB, eps.plan, bind=False)
-    results = socket(ctx, zmq.PUSH, eps.results, bind=False)
+    if layout.node_rank == 0:
+        plans = socket(ctx, zmq.SUB, eps.plan, bind=False)
+        results = socket(ctx, zmq.PUSH, eps.results, bind=False)
+    else:  # the scheduler is on node 0: tcp, with CURVE (serve/cluster.py)
+        keys = layout.keys()
+        plans = socket(ctx, zmq.SUB, None, bind=False)
+        connect_secure(plans, layout.endpoint(PLAN), keys)
+        results = socket(ctx, zmq.PUSH, None, bind=False)
+        connect_secure(results, layout.endpoint(RESULTS), keys)
     reporter.ready(
         device=str(placement.device), dtype=str(model.dtype).removeprefix("torch."), **model.describe(),
         kv_dtype=str(kv_dtype).removeprefix("torch."), threads=threads,
         load_s=round(load_s, 1), kv_mb=engine.kv_bytes() // 2**20, rss_mb=resident_mb(),
     )
-    hop = Hop("scheduler->workers", model_info.served_name)
+    hop = Hop("scheduler->workers" if layout.node_rank == 0 else TCP_HOP, model_info.served_name)
+    shift = 0  # from the scheduler's monotonic clock to ours: 0 on its machine, through the wall clocks on another
+    last_step = 0
     while True:
         idle_since = time.monotonic_ns()
         msg = recv(plans)
         if isinstance(msg, StepPlan):
-            hop.observe(msg.sent_ns, idle_since)
+            if msg.step != last_step + 1:
+                # A rank that skips a plan would wait forever in a collective the others never enter.
+                raise RuntimeError(f"rank {rank} missed step plans {last_step + 1} to {msg.step - 1}: its connection "
+                                   f"to the scheduler dropped messages")
+            last_step = msg.step
+            hop.observe(msg.sent_ns + shift, idle_since)
             tokens, logprobs, prompt_logprobs = engine.step(msg)
             if rank == 0:
                 send(results, StepResult(msg.step, tokens, logprobs, prompt_logprobs, time.monotonic_ns()))
         elif isinstance(msg, Hello):
+            if layout.node_rank > 0:
+                shift = msg.clock_ns - (time.time_ns() - time.monotonic_ns())
             send(results, HelloAck(rank, msg.nonce))
         elif isinstance(msg, Shutdown):
             break
