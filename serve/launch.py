@@ -309,9 +309,10 @@ class Launcher:
     def stop(self, drain: bool = False) -> None:
         """Stops every child. With `drain` (a clean stop), the api goes first and alone: on SIGTERM it answers
         503 to new requests, lets running ones finish for up to shutdown_timeout_s, aborts the rest, and
-        exits; the pipeline behind it is still there to finish them. Without (a child died), the pipeline
-        is broken and nothing running can finish: the api is killed outright, so its clients see their
-        connections close at once instead of waiting out a drain."""
+        exits; the pipeline behind it is still there to finish them (on every node: the others are told
+        only then). Without (a child or a node died), the pipeline is broken and nothing running can finish:
+        the api is told why (its clients get that as a 503 error, /health turns 503), then killed, so that
+        nobody waits out a drain; the other nodes are told to stop at once."""
         timeout = self.config.server.shutdown_timeout_s
         api = [c for c in self.children if c.name == "api"]
         if drain:
@@ -374,6 +375,8 @@ def run(config: Config) -> int:
             launcher.wait_ready()
         except StartupError as e:
             log.error("%s", e)
+            if not launcher.stopping:
+                launcher.failure = launcher.failure or str(e)  # what the other nodes are told
             return 0 if launcher.stopping else 1
         if isinstance(launcher.link, Member):
             launcher.link.send_ready(launcher.rows())

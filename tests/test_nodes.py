@@ -234,14 +234,19 @@ def test_a_peer_without_the_key_gets_nothing_in(two_nodes):
 def test_killing_node0_stops_node1(two_nodes):
     """Last in the module: it ends the shared pair."""
     node0, node1 = two_nodes.node0, two_nodes.node1
-    os.killpg(node0.proc.pid, signal.SIGKILL)
+    procs0 = [node0.proc.pid, *descendants(node0.proc.pid)]
+    os.kill(node0.proc.pid, signal.SIGKILL)  # its children die with it (PR_SET_PDEATHSIG)
     killed_at = time.monotonic()
     node1.proc.wait(20)
-    gone = wait_gone(node1.pids, 15)
+    gone = wait_gone(node1.pids + procs0, 15)
     print(f"\nnode 0 killed: node 1 exited after {time.monotonic() - killed_at:.1f}s")
     assert time.monotonic() - killed_at < 15, node1.read_log()
     assert gone < 15 and node1.proc.returncode == 1
     assert "stopping this node" in node1.read_log()
+    deadline = time.monotonic() + 5  # node 0's janitor removes its ipc directory once its children are gone
+    while os.path.exists(node0.ipc_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(node0.ipc_dir)
 
 
 def test_killing_node1_fails_clients_and_stops_node0(long_model, tmp_path):
