@@ -1,4 +1,6 @@
 # Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+# Independent steps run side by side (the router's venv while the project installs, ...).
+MAKEFLAGS += -j2
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
