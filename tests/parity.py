@@ -49,6 +49,11 @@ def tp_rank(rank: int, world: int, folder: str) -> Run:
     return greedy_run(Model(folder, rank, world, torch.float32, torch.device("cpu")))
 
 
+def tp_rank_each(rank: int, world: int, folders: list[str]) -> list[Run]:
+    """`tp_rank` for several models in one group: the ranks' start-up (spawn, torch, gloo) is paid once."""
+    return [tp_rank(rank, world, folder) for folder in folders]
+
+
 def hf_run(hf) -> Run:
     """transformers' `generate`, one prompt at a time, and the logits of every step from one forward
     over prompt + generated tokens."""

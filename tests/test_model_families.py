@@ -3,7 +3,7 @@
 Each case is a tiny random model of the family, saved as a Hugging Face folder that `Model` loads as it
 loads a real checkpoint. Checked in float32: the prefill and every decode step's logits (within 1e-4)
 and the greedy tokens of HF `generate`, for a batch of prompts of different lengths. The TP 2 run is two
-spawned gloo ranks, once per case.
+spawned gloo ranks, one group for every case.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from serve.worker.model import Model, ModelArgs, rope_inv_freq
-from tests.parity import Run, assert_matches_hf, greedy_run, hf_run, tp_rank
+from tests.parity import Run, assert_matches_hf, greedy_run, hf_run, tp_rank_each
 from tests.tiny_model import random_model
 from tests.tp_harness import run_ranks
 
@@ -43,15 +43,34 @@ CASES: dict[str, tuple[str, dict]] = {
 
 
 class Case(NamedTuple):
+    name: str
     folder: Path
     hf: Run  # what transformers makes of the prompts
 
 
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """Every case's model (its folder, and the HF model saved there), made once: the TP 2 runs take them
+    all in one group."""
+    out = {}
+    for name, (family, overrides) in CASES.items():
+        folder = tmp_path_factory.mktemp(name)
+        out[name] = folder, random_model(folder, family, seed=0, pad_token_id=0, **overrides)
+    return out
+
+
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory) -> Case:
-    family, overrides = CASES[request.param]
-    folder = tmp_path_factory.mktemp(request.param)
-    return Case(folder, hf_run(random_model(folder, family, seed=0, pad_token_id=0, **overrides)))
+def case(request, models) -> Case:
+    folder, hf = models[request.param]
+    return Case(request.param, folder, hf_run(hf))
+
+
+@pytest.fixture(scope="module")
+def tp2(models, tmp_path_factory) -> dict[str, Run]:
+    """Every case at TP 2: two spawned gloo ranks, once for all of them."""
+    runs = run_ranks(tp_rank_each, [str(folder) for folder, _ in models.values()], workdir=tmp_path_factory.mktemp("tp2"),
+                     timeout=120)
+    return dict(zip(models, runs))
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +82,8 @@ def test_tp1_matches_hf(case: Case, tp1: Run) -> None:
     assert_matches_hf(tp1, case.hf)
 
 
-def test_tp2_matches_hf(case: Case, tmp_path: Path) -> None:
-    assert_matches_hf(run_ranks(tp_rank, str(case.folder), workdir=tmp_path, timeout=60), case.hf)
+def test_tp2_matches_hf(case: Case, tp2: dict[str, Run]) -> None:
+    assert_matches_hf(tp2[case.name], case.hf)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
