@@ -27,6 +27,7 @@ from serve.model_files import cache_root
 from tests.conftest import TINY_NAME
 from tests.server import Server, alive, free_port
 from tests.test_faults import descendants, start_streams, wait_gone, wait_streams
+from tests.test_web import browser, js, processes_shown, wait  # noqa: F401 (browser: a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 PRIVATE_TMP = ["unshare", "--mount", "--map-root-user", sys.executable, str(REPO / "tests" / "private_tmp.py")]
@@ -187,6 +188,18 @@ def test_node1_runs_only_its_rank_and_is_seen_from_node0(two_nodes):
     health = httpx.get(f"http://127.0.0.1:{node1.port}/health")
     assert health.status_code == 200 and health.json()["node_rank"] == 1
     assert httpx.get(f"http://127.0.0.1:{node1.port}/v1/models").status_code == 404  # the API is on node 0
+
+
+def test_the_web_page_shows_node1(two_nodes, browser):
+    """The pipeline view lists node 1's rank and launcher with their pids, and the tcp hop to it."""
+    node1 = {c: p for p, c in descendants(two_nodes.node1.proc.pid).items()}
+    want = {"worker-1": node1["serve:worker-1"], "launcher@node1": two_nodes.node1.proc.pid}
+    browser.get(f"{two_nodes.node0.url}/")
+    wait(browser, lambda d: want.items() <= {n: pid for n, pid, _ in processes_shown(d)}.items(),
+         f"the pipeline view never showed {want}")
+    greedy(two_nodes.node0)
+    wait(browser, lambda d: js(d, 'document.getElementById("hop-scheduler-workers-tcp-node-1") !== null'),
+         "the pipeline view never showed the tcp hop to node 1")
 
 
 def test_our_cluster_ports_listen_on_the_given_address_only(two_nodes):
