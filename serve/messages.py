@@ -4,6 +4,7 @@ A message travels as `[tag, field0, field1, ...]`; nested dataclasses travel as 
 way. No pickle: decoding only ever builds the dataclasses registered here.
 Batch messages are columnar (lists per field), not one message per token per request.
 Fields ending in `_ns` carry `time.monotonic_ns()` at send time, one clock for every process.
+The launchers' own link across nodes has its three messages beside its code, in serve/nodes.py.
 """
 
 from __future__ import annotations
@@ -323,38 +324,6 @@ class RemoteProcesses:
     host: str
     processes: list[dict[str, Any]]
     hops: list[dict[str, Any]] = field(default_factory=list)
-
-
-# --- node R's launcher <-> node 0's launcher (DEALER/ROUTER over tcp, serve/nodes.py) ---------------
-
-
-@message(50)
-class NodeBeat:
-    """Sent every second both ways; the first one from node R is its join. `config` is a digest of what
-    must agree across nodes (model, engine, tp)."""
-
-    node_rank: int
-    host: str = ""
-    config: str = ""
-    processes: list[dict[str, Any]] = field(default_factory=list)
-    hops: list[dict[str, Any]] = field(default_factory=list)  # its ranks' tcp hop: count, sum, p50, p99
-
-
-@message(51)
-class NodeReady:
-    """Node R's processes have all started: what each reported, for node 0's banner."""
-
-    node_rank: int
-    rows: list[list[Any]]  # [name, pid, info, sockets]
-
-
-@message(52)
-class NodeDown:
-    """A node is stopping, and why: the others stop too (the ranks cannot run without it)."""
-
-    node_rank: int
-    reason: str
-    clean: bool = False  # stopped by its operator (Ctrl-C, SIGTERM), not by a fault
 
 
 # --- codec -------------------------------------------------------------------------------------

@@ -28,12 +28,44 @@ import zmq
 from serve.cluster import LINKS, Layout, bind_secure, connect_secure, start_auth
 from serve.config import Config
 from serve.ipc import MAX_MESSAGE_BYTES, decode, encode
-from serve.messages import NodeBeat, NodeDown, NodeReady, RemoteProcesses
+from serve.messages import RemoteProcesses, message
 
 log = logging.getLogger("serve.launcher")
 
 BEAT_S = 1.0
 LOST_AFTER_S = 5.0  # no beat for this long: the other node is gone (dead, or cut off)
+
+
+# --- the link's messages (MessagePack, through serve/messages.py's one codec) -------------------------
+
+
+@message(50)
+class NodeBeat:
+    """Sent every second both ways; the first one from node R is its join. `config` is a digest of what
+    must agree across nodes (model, engine, tp)."""
+
+    node_rank: int
+    host: str = ""
+    config: str = ""
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    hops: list[dict[str, Any]] = field(default_factory=list)  # its ranks' tcp hop: count, sum, p50, p99
+
+
+@message(51)
+class NodeReady:
+    """Node R's processes have all started: what each reported, for node 0's banner."""
+
+    node_rank: int
+    rows: list[list[Any]]  # [name, pid, info, sockets]
+
+
+@message(52)
+class NodeDown:
+    """A node is stopping, and why: the others stop too (the ranks cannot run without it)."""
+
+    node_rank: int
+    reason: str
+    clean: bool = False  # stopped by its operator (Ctrl-C, SIGTERM), not by a fault
 
 
 class NodeLost(Exception):

@@ -22,7 +22,8 @@ import pytest
 import zmq
 import zmq.auth
 
-from serve.messages import NodeDown, StepResult, encode
+from serve.messages import StepResult, encode
+from serve.nodes import NodeDown
 from serve.model_files import cache_root
 from tests.conftest import TINY_NAME
 from tests.server import Server, alive, free_port
