@@ -25,7 +25,7 @@ import zmq
 from serve.cluster import Layout, bind_address, create_keys
 from serve.config import Config, ConfigError
 from serve.ipc import OPENED, Endpoints, make_ipc_dir, recv, send, socket
-from serve.messages import Crashed, Ready, StageRestarted, StartupFailed, Stopping
+from serve.messages import Crashed, Ready, StageRestarted, StartupFailed, Stopping, Told
 from serve.model_files import ModelInfo, resolve_model
 from serve.nodes import BEAT_S, HealthServer, Head, Member, NodeLost
 from serve.proc import Processes, child_main
@@ -52,8 +52,8 @@ class Child:
 # reconnects its peers by itself. At most RESTARTS_PER_MINUTE, then the server stops as for any death.
 RESTARTABLE = {"tokenizer", "detokenizer"}
 RESTARTS_PER_MINUTE = 3
-# How long a broken server's api gets to tell its clients why, before it is killed.
-STOPPING_GRACE_S = 0.3
+# How long a broken server's api may take to tell its clients why, before it is killed (it says when it has).
+STOPPING_GRACE_S = 2.0
 
 
 def _children(layout: Layout) -> list[tuple]:
@@ -131,6 +131,7 @@ class Launcher:
         self.children: list[Child] = []
         self.stopping = False
         self.failure = ""  # why a broken server stops, for the api's clients and the other nodes
+        self.told = False  # the api has told its clients why (after a Stopping)
         # More than one node: node 0 heads the others, each other node follows it (serve/nodes.py).
         self.layout = Layout.of(config)
         self.link: Head | Member | None = None
@@ -222,6 +223,8 @@ class Launcher:
                 raise StartupError(f"{msg.name} failed to start: {msg.error}")
             if isinstance(msg, Ready):
                 next(c for c in self.children if c.name == msg.name).ready = msg
+            if isinstance(msg, Told):
+                self.told = True
             if isinstance(msg, Crashed):
                 next(c for c in self.children if c.name == msg.name).last_words = msg.error
 
@@ -320,7 +323,7 @@ class Launcher:
         elif api and api[0].process.is_alive() and api[0].ready:
             # Its clients get an error that says why (not a connection cut off), and /health 503.
             send(self.events, Stopping(self.failure or "a process of the server died"))
-            time.sleep(STOPPING_GRACE_S)
+            self._wait_told(STOPPING_GRACE_S)
         if self.link is not None:
             self.link.tell_down(self.failure or "its operator stopped it", clean=not self.failure)
         self._end(api, signal.SIGKILL, timeout)
@@ -334,6 +337,15 @@ class Launcher:
         self.ctx.term()
         shutil.rmtree(self.eps.ipc_dir, ignore_errors=True)
         self.janitor.communicate(b"removed", timeout=5)
+
+    def _wait_told(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.told and (left := deadline - time.monotonic()) > 0:
+            if self.inbox.poll(int(left * 1000) + 1):
+                try:
+                    self._read_inbox()
+                except StartupError:
+                    pass  # a restarted stage's late failure: the server stops anyway
 
     @staticmethod
     def _end(children: list[Child], sig: int, timeout: float) -> None:

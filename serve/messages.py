@@ -308,6 +308,13 @@ class Crashed:
     error: str
 
 
+@message(46)
+class Told:
+    """From the api after a Stopping: every client in flight has had its error; it may be killed now."""
+
+    name: str
+
+
 @message(43)
 class Stopping:
     """Published by the launcher before it stops a broken server (a child or a node died): the api fails

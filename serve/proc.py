@@ -84,6 +84,11 @@ class Reporter:
 
         self._send(StartupFailed(self.name, error))
 
+    def told(self) -> None:
+        from serve.messages import Told
+
+        self._send(Told(self.name))
+
     def crashed(self, error: str) -> None:
         from serve.messages import Crashed
 

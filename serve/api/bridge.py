@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import zmq
 import zmq.asyncio
@@ -91,6 +91,7 @@ class Bridge:
         self.live: set[str] = set()  # generation requests not finished yet
         self.stopping: str | None = None  # why the launcher is stopping a broken server (a Stopping event)
         self.remote: dict[int, RemoteProcesses] = {}  # the other nodes' processes, by node rank
+        self.on_told: Callable[[], None] | None = None  # called once the clients have had a Stopping's error
         self.tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -125,12 +126,23 @@ class Bridge:
                 for rid in list(self.live):
                     self.queues[rid].put_nowait(RequestError(
                         rid, 503, f"the server is stopping: {msg.reason}", code="server_stopping"))
+                asyncio.ensure_future(self._when_told())
             elif isinstance(msg, RemoteProcesses):
                 self.remote[msg.node_rank] = msg
             elif isinstance(msg, (RequestError, TokenizeReply, Probe)):
                 q = self.queues.get(msg.rid)
                 if q is not None:
                     q.put_nowait(msg)
+
+    async def _when_told(self) -> None:
+        """Once every request in flight has answered its error (or after 2 s), the launcher may kill us."""
+        for _ in range(200):
+            if not self.live:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)  # the last bytes leave for the clients
+        if self.on_told is not None:
+            self.on_told()
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput | RequestError]:
         """Yields outputs until the request finishes; aborts it if the consumer stops early."""

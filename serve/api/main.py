@@ -27,6 +27,7 @@ class _Server(uvicorn.Server):
 
 async def _serve(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -> None:
     bridge = Bridge(eps, model.served_name, config.server.log_requests)
+    bridge.on_told = reporter.told
     bridge.start()
     app = create_app(bridge, model, config.server, config.engine, config.model.path)
     server = _Server(uvicorn.Config(
