@@ -14,8 +14,6 @@ import os
 import shutil
 import signal
 import socket as pysocket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -28,7 +26,7 @@ from serve.ipc import OPENED, Endpoints, make_ipc_dir, recv, send, socket
 from serve.messages import Crashed, Ready, StageRestarted, StartupFailed, Stopping, Told
 from serve.model_files import ModelInfo, resolve_model
 from serve.nodes import BEAT_S, HealthServer, Head, Member, NodeLost
-from serve.proc import Processes, child_main
+from serve.proc import Processes, child_main, janitor
 
 log = logging.getLogger("serve.launcher")
 
@@ -97,23 +95,6 @@ def _rows(rows: list, indent: str = "  ") -> list[str]:
 def _span(layout: Layout, node: int) -> str:
     ranks = range(node * layout.tp_per_node, (node + 1) * layout.tp_per_node)
     return f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-
-
-# Run by a small process of its own beside the launcher: it blocks until the launcher's end of a pipe
-# closes, which any death closes, SIGKILL included; then, once the children (killed with the launcher)
-# are gone, it removes the ipc directory. Ctrl-C and SIGTERM to the process group do not stop it early.
-_JANITOR = """import shutil, signal, sys, time
-for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(s, signal.SIG_IGN)
-if sys.stdin.buffer.read() != b"removed":  # what a launcher that cleaned up says before it closes
-    time.sleep(1.0)
-    shutil.rmtree(sys.argv[1], ignore_errors=True)
-"""
-
-
-def janitor(ipc_dir: str) -> subprocess.Popen:
-    """The process that removes `ipc_dir` when the launcher is gone, however it went."""
-    return subprocess.Popen([sys.executable, "-c", _JANITOR, ipc_dir], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
 
 
 class Launcher:

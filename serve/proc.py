@@ -1,4 +1,5 @@
-"""What every child process does first: a title for `ps`, death with its parent, and a readiness report."""
+"""Processes: what every child does first (a title for `ps`, death with its parent, a readiness report),
+a server's processes as /pipeline shows them, and the janitor that cleans up after a launcher however it died."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -162,3 +164,20 @@ class Processes:
         live = {p["pid"] for p in out}
         self.known = {pid: p for pid, p in self.known.items() if pid in live}
         return out
+
+
+# Run by a small process of its own beside the launcher: it blocks until the launcher's end of a pipe
+# closes, which any death closes, SIGKILL included; then, once the children (killed with the launcher)
+# are gone, it removes the ipc directory. Ctrl-C and SIGTERM to the process group do not stop it early.
+_JANITOR = """import shutil, signal, sys, time
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+if sys.stdin.buffer.read() != b"removed":  # what a launcher that cleaned up says before it closes
+    time.sleep(1.0)
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
+def janitor(ipc_dir: str) -> subprocess.Popen:
+    """The process that removes `ipc_dir` when the launcher is gone, however it went."""
+    return subprocess.Popen([sys.executable, "-c", _JANITOR, ipc_dir], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
