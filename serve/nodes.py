@@ -81,6 +81,7 @@ def config_digest(config: Config) -> str:
 
 
 def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    """Our options, less serve.ipc.socket's ROUTER_MANDATORY: a beat to a node that is gone must be dropped, not raise."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)

@@ -117,15 +117,10 @@ class Bridge:
                         q.put_nowait(out)
             elif isinstance(msg, StageRestarted):
                 # Any request in flight may have lost a message in the dead stage: fail them all now.
-                for rid in list(self.live):
-                    self.queues[rid].put_nowait(RequestError(
-                        rid, 503, f"the {msg.name} restarted while this request was running; send it again",
-                        code="stage_restarted"))
+                self._fail_all(f"the {msg.name} restarted while this request was running; send it again", "stage_restarted")
             elif isinstance(msg, Stopping):
                 self.stopping = msg.reason
-                for rid in list(self.live):
-                    self.queues[rid].put_nowait(RequestError(
-                        rid, 503, f"the server is stopping: {msg.reason}", code="server_stopping"))
+                self._fail_all(f"the server is stopping: {msg.reason}", "server_stopping")
                 asyncio.ensure_future(self._when_told())
             elif isinstance(msg, RemoteProcesses):
                 self.remote[msg.node_rank] = msg
@@ -133,6 +128,11 @@ class Bridge:
                 q = self.queues.get(msg.rid)
                 if q is not None:
                     q.put_nowait(msg)
+
+    def _fail_all(self, message: str, code: str) -> None:
+        """Every request in flight ends with a 503 error that says why."""
+        for rid in list(self.live):
+            self.queues[rid].put_nowait(RequestError(rid, 503, message, code=code))
 
     async def _when_told(self) -> None:
         """Once every request in flight has answered its error (or after 2 s), the launcher may kill us."""
