@@ -13,7 +13,7 @@ ROUTERS := $(or $(SERVE_CACHE_DIR),$(HOME)/.cache/serve)/routers
 SMG     := $(ROUTERS)/smg/bin/smg
 N       ?= 2
 
-.PHONY: setup native router serve-replicas serve test bench bench-features bench-peers bench-profile bench-formats bench-structured bench-nodes clean
+.PHONY: setup native router serve-replicas serve test bench bench-features bench-peers bench-profile bench-qgemm bench-formats bench-structured bench-nodes clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench-peers: native
 # Where a decode step's time goes at 1 and 32 streams, against the memory-bandwidth limit (bench/step_profile.py).
 bench-profile: native
 	$(PY) bench/step_profile.py $(ARGS)
+
+# The quantized matmul alone at each kernel level this CPU runs, on the default model's shapes (bench/qgemm.py).
+bench-qgemm: native
+	$(PY) bench/qgemm.py $(ARGS)
 
 # Each way of running the default model: worker memory, perplexity, an answer, ITL at one stream (bench/formats.py).
 bench-formats: native

@@ -40,6 +40,10 @@ def read_bandwidth_gbs(kernels) -> float:
     import numpy as np
     import torch
 
+    from serve import isa
+    from serve.worker import native
+
+    level = native.kernel_level(kernels, isa.chosen())
     N, K = 256 * 1024, 1024
     raw = torch.from_numpy(np.random.default_rng(0).integers(0, 127, size=(N, K // 32 * 34), dtype=np.uint8))
     raw.view(N, -1, 34)[:, :, 0:2] = 0  # fp16 scales of 0: a valid Q8_0 matrix
@@ -49,7 +53,7 @@ def read_bandwidth_gbs(kernels) -> float:
     runs = []
     for _ in range(5):
         started = time.perf_counter()
-        kernels.qlinear(x, packed, fmt, None, 2 if "avx512" in kernels.qgemm_levels() else 0)
+        kernels.qlinear(x, packed, fmt, None, level)
         runs.append(packed.numel() / (time.perf_counter() - started) / 1e9)
     return max(runs)
 

@@ -84,6 +84,20 @@ def test_qlinear_matches_the_dequantized_matmul(k, qtype, level, N):
         assert torch.equal(k.qlinear(wide[:, 32:32 + K], packed, fmt, bias, level), got)
 
 
+@pytest.mark.skipif(native.KERNEL_LEVEL["amx"] not in LEVELS, reason="this CPU has no AMX")
+@pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
+def test_amx_tiles_give_the_vnni_kernels_bits(k, qtype):
+    # 16-row groups go through tile products (and Q6_K's 16-value blocks through VNNI): the same sums and
+    # the same float epilogue, so a request's logits do not change when a batch grows past 16 rows.
+    N, K = 45, 512
+    raw = gguf_blocks(qtype, N, K, seed=3)
+    packed, fmt = k.repack(torch.from_numpy(raw), int(qtype), K)
+    x, bias = torch.randn(150, K), torch.randn(N)
+    amx, vnni = native.KERNEL_LEVEL["amx"], native.KERNEL_LEVEL["avx512"]
+    assert torch.equal(k.qlinear(x, packed, fmt, bias, amx), k.qlinear(x, packed, fmt, bias, vnni))
+    assert torch.equal(k.qlinear(x, packed, fmt, None, amx), k.qlinear(x, packed, fmt, None, vnni))
+
+
 def test_qlinear_rejects_what_it_cannot_do(k):
     raw = gguf_blocks(T.Q8_0, 8, 64, seed=0)
     packed, fmt = k.repack(torch.from_numpy(raw), int(T.Q8_0), 64)

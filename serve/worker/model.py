@@ -237,7 +237,7 @@ class Model:
             w = GGUFWeights(gguf, f.compute, device, args.num_heads, args.num_kv_heads, f.matrices)
         else:
             w = SafetensorsWeights(folder, f.compute, device, f.matrices)
-        self.linears = linear = Linears(f, device, self.kernels, native.KERNEL_LEVEL.get(self.isa, 0), isa.native_bf16(self.isa))
+        self.linears = linear = Linears(f, device, self.kernels, native.kernel_level(self.kernels, self.isa) if self.kernels else 0, isa.native_bf16(self.isa))
         self.layers = []
         for i in range(args.num_layers):
             self.layers.append(Layer(w, args, shard, i, linear))

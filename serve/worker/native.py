@@ -24,14 +24,24 @@ log = logging.getLogger("serve.worker")
 
 CSRC = Path(__file__).with_name("csrc")
 # The quantized matmul's dispatch table (csrc/qlinear.cpp), by number, for each level of serve/isa.py:
-# AVX-512 without VNNI is no level of ours, and bfloat16 or AMX add nothing to integer dot products.
-KERNEL_NAMES = ("avx2", "avx_vnni", "avx512")
-KERNEL_LEVEL = {"avx2": 0, "avx_vnni": 1, "avx512": 2, "avx512_bf16": 2, "amx": 2}
+# AVX-512 without VNNI is no level of ours, and bfloat16 adds nothing to integer dot products; AMX's
+# int8 tile products do (csrc/qgemm_amx.cpp).
+KERNEL_NAMES = ("avx2", "avx_vnni", "avx512", "amx")
+KERNEL_LEVEL = {"avx2": 0, "avx_vnni": 1, "avx512": 2, "avx512_bf16": 2, "amx": 3}
 SOURCES = sorted(CSRC.glob("*.cpp"))
 
 
 def cpu_supported() -> bool:
     return bool(isa.available())  # our floor, avx2 + fma + f16c
+
+
+def kernel_level(kernels: ModuleType, level: str) -> int:
+    """The quantized matmul's level for an instruction-set level: AMX where Linux also grants the tiles'
+    state to this process (it may refuse), else the AVX-512 kernels."""
+    n = KERNEL_LEVEL.get(level, 0)
+    while n > 0 and not kernels.qgemm_runs(n):
+        n -= 1
+    return n
 
 
 def build_dir() -> Path:

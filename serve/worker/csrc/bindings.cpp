@@ -16,6 +16,7 @@ torch::Tensor add_rms_norm(const torch::Tensor& h, const torch::Tensor& delta, c
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 // qlinear.cpp
 std::vector<std::string> qgemm_levels();
+bool qgemm_runs(int64_t level);
 std::tuple<torch::Tensor, std::vector<int64_t>> repack(const torch::Tensor& raw, int64_t type, int64_t K);
 torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& fmt, const std::optional<torch::Tensor>& bias,
                       int64_t level);
@@ -41,6 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "h += delta, then RMSNorm(h)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2F] projection");
   m.def("qgemm_levels", &qgemm_levels, "the instruction-set levels the quantized matmul is compiled for, by number");
+  m.def("qgemm_runs", &qgemm_runs, "whether this CPU (and OS) can run a level of the quantized matmul");
   m.def("repack", &repack, "GGUF blocks [N, bytes] of one type -> (tiles, format)");
   m.def("qlinear", &qlinear, "y = x @ W.T + bias over repacked GGUF tiles, activations quantized per block of 32");
   m.def("dequant_rows", &dequant_rows, "rows of a repacked weight as float32");

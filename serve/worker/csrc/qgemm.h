@@ -1,6 +1,7 @@
 // The quantized matmul's shared types: the repacked weight layout and the per-ISA kernel table.
 // Plain C++ (no torch): qgemm_avx2.cpp, qgemm_avx_vnni.cpp and qgemm_avx512.cpp compile the same kernels
-// (qgemm_kernels.inc) for their instruction set, and qlinear.cpp picks one at run time.
+// (qgemm_kernels.inc) for their instruction set, qgemm_amx.cpp does the same arithmetic on AMX tiles,
+// and qlinear.cpp picks one at run time.
 //
 // Weights are GGUF blocks regrouped, not requantized. Each block of 32 (or 16) values along K keeps its
 // own integer quants and scales; 16 output rows are interleaved into a "tile" so that one 512-bit load
@@ -73,5 +74,7 @@ struct QgemmKernels {
 QgemmKernels qgemm_avx2();
 QgemmKernels qgemm_avx_vnni();
 QgemmKernels qgemm_avx512();
+QgemmKernels qgemm_amx();  // whole groups of 16 rows on tiles, the rest through qgemm_avx512
+bool amx_permitted();      // asks Linux for the tile registers' state, once per process
 
 }  // namespace serve_native

@@ -12,17 +12,25 @@ namespace serve_native {
 // Levels as serve/worker/native.py numbers them; each entry is a copy of qgemm_kernels.inc compiled
 // for that instruction set. The Python side picks the level from the CPU (serve/isa.py), capped by
 // engine.cpu_isa, so a test can run every entry this CPU can execute.
+constexpr int64_t LEVELS = 4;
+
+bool qgemm_runs(int64_t level) {
+  static const bool avx512 = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  // AMX also needs the kernel to hand this process the tile registers' state (amx_permitted).
+  static const bool runs[LEVELS] = {true, __builtin_cpu_supports("avxvnni") != 0, avx512,
+                                    avx512 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") && amx_permitted()};
+  return level >= 0 && level < LEVELS && runs[level];
+}
+
 const QgemmKernels& kernels(int64_t level) {
-  static const QgemmKernels table[] = {qgemm_avx2(), qgemm_avx_vnni(), qgemm_avx512()};
+  static const QgemmKernels table[LEVELS] = {qgemm_avx2(), qgemm_avx_vnni(), qgemm_avx512(), qgemm_amx()};
+  TORCH_CHECK(level >= 0 && level < LEVELS, "qlinear: unknown kernel level ", level);
   // A level this CPU lacks would die of an illegal instruction: refuse it with a message instead.
-  static const bool runs[] = {true, __builtin_cpu_supports("avxvnni") != 0,
-                              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")};
-  TORCH_CHECK(level >= 0 && level < 3, "qlinear: unknown kernel level ", level);
-  TORCH_CHECK(runs[level], "qlinear: this CPU cannot run the ", table[level].name, " kernels");
+  TORCH_CHECK(qgemm_runs(level), "qlinear: this CPU cannot run the ", table[level].name, " kernels");
   return table[level];
 }
 
-std::vector<std::string> qgemm_levels() { return {"avx2", "avx_vnni", "avx512"}; }
+std::vector<std::string> qgemm_levels() { return {"avx2", "avx_vnni", "avx512", "amx"}; }
 
 // ---- GGUF blocks -> tiles ------------------------------------------------------------------------
 // ggml_type numbers, as in GGUF files.
