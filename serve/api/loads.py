@@ -6,7 +6,6 @@ numbers are the scheduler's, asked over the control channel as /stats asks them.
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from typing import Awaitable, Callable
 from fastapi import FastAPI
 
 from serve.api import schemas as S
-from serve.api.pipeline import from_metrics
 from serve.config import EngineConfig
 from serve.model_files import ModelInfo
 
@@ -23,15 +21,18 @@ from serve.model_files import ModelInfo
 class Loads:
     def __init__(self, model: ModelInfo, engine: EngineConfig, model_path: str, version: str) -> None:
         self.model, self.engine, self.model_path, self.version = model, engine, model_path, version
-        self.last: tuple[float, float] | None = None  # (time, tokens generated) at the last /v1/loads
+        self.last: tuple[float, int] | None = None  # (busy seconds, tokens generated) at the last /v1/loads
         self.rate = 0.0
 
-    def worker_load(self, stats: dict, generated: float) -> dict:
-        """smg's WorkerLoadResponse: one entry, DP rank 0."""
-        now = time.monotonic()
-        if self.last is not None and now > self.last[0]:
-            self.rate = max(0.0, (generated - self.last[1]) / (now - self.last[0]))
-        self.last = (now, generated)
+    def worker_load(self, stats: dict) -> dict:
+        """smg's WorkerLoadResponse: one entry, DP rank 0. gen_throughput is tokens per second of work
+        since the last call (SGLang's is its decode batches' rate), kept while idle: smg's power_of_two
+        divides queued work by it, and a rate per second of wall time would make an idle replica look
+        slow (0 is smg's cue to assume its default)."""
+        busy, generated = stats["busy_s"], stats["generated_tokens"]
+        if self.last is not None and busy > self.last[0]:
+            self.rate = max(0.0, (generated - self.last[1]) / (busy - self.last[0]))
+        self.last = (busy, generated)
         total = self.engine.kv_pool_tokens
         used = stats["pool_tokens_used"]
         running, waiting = stats["running"], stats["waiting"]
@@ -77,7 +78,7 @@ def add_load_routes(app: FastAPI, loads: Loads, scheduler_stats: Callable[[], Aw
 
     @app.get("/v1/loads", responses=shape("object"))
     async def v1_loads() -> dict:
-        return loads.worker_load(await scheduler_stats(), from_metrics()["tokens"]["generation"])
+        return loads.worker_load(await scheduler_stats())
 
     @app.get("/get_load", responses=shape("array"))
     async def get_load() -> list:

@@ -65,6 +65,9 @@ class Scheduler:
         self.outputs = socket(ctx, zmq.PUSH, eps.detokenizer, bind=False)
         self.inflight: deque[Step] = deque()
         self.steps = 0
+        # Tokens sampled, and the time with a step in flight: what a replica generates per second while it
+        # works (the gen_throughput routers divide queued work by), not per second of wall time.
+        self.gen_tokens, self.busy_ns, self.last_result_ns = 0, 0, 0
         self.aborted = 0
         self.news: list[Finished] = []  # for the detokenizer, sent once per loop turn
         name = model.served_name
@@ -188,6 +191,10 @@ class Scheduler:
         step = self.inflight.popleft()
         assert msg.step == step.plan.step, "results arrive in plan order"
         self.steps += 1
+        now = time.monotonic_ns()
+        self.busy_ns += now - max(step.plan.sent_ns, self.last_result_ns)  # overlapping steps count once
+        self.last_result_ns = now
+        self.gen_tokens += len(msg.token_ids)
         if self.grammars.active:
             self.grammars.accept(step, msg.token_ids)
         news = self.batcher.apply(step, msg.token_ids, msg.logprobs, msg.prompt_logprobs)
@@ -219,7 +226,8 @@ class Scheduler:
 
     def _on_control(self, msg: object) -> None:
         if isinstance(msg, ControlRequest) and msg.kind == "stats":
-            data = {**self.batcher.stats(), "steps": self.steps, "aborted": self.aborted, "rejected": self.rejected}
+            data = {**self.batcher.stats(), "steps": self.steps, "aborted": self.aborted, "rejected": self.rejected,
+                    "generated_tokens": self.gen_tokens, "busy_s": round(self.busy_ns / 1e9, 6)}
         else:
             data = {"ok": True}
         send(self.control, ControlReply(getattr(msg, "kind", "?"), data))
