@@ -286,6 +286,10 @@ def test_killing_node1_fails_clients_and_stops_node0(long_model, tmp_path):
                 codes.append(None)
             time.sleep(0.1)
         node0.proc.wait(5)
+        try:  # once it has exited, nothing answers (the loop may have ended between its last 200 and the exit)
+            codes.append(httpx.get(f"{node0.url}/health", timeout=2).status_code)
+        except httpx.HTTPError:
+            codes.append(None)
         gone = wait_gone(procs, 15 - (time.monotonic() - killed_at))
         wait_streams(streams, 5)
         print(f"\nnode 1 killed: node 0 exited after {time.monotonic() - killed_at:.1f}s, /health said {codes}")
