@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import zmq
 
@@ -22,6 +22,45 @@ from serve.stops import TextStream
 from serve.text import TextTokenizer
 
 log = logging.getLogger("serve.detokenizer")
+
+# A ROUTER can route to an api only once that api's DEALER has connected. A restarted detokenizer gets
+# the scheduler's queued outputs at once, while the api's DEALER reconnects ~0.1 s later: outputs that
+# cannot be routed are held this long (and retried in order) before they are dropped as undeliverable.
+# Dropping them at once lost a /health probe's reply (a 20 s wait) or a request's tokens (a hang).
+UNROUTABLE_GRACE_S = 2.0
+RETRY_MS = 20
+
+
+class Outbox:
+    """What goes to the api processes, in order per api, through the ROUTER."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.held: dict[bytes, deque[tuple[float, bytes, int]]] = {}  # api -> (give up at, payload, outputs)
+
+    def send(self, api_id: bytes, payload: bytes, outputs: int) -> None:
+        if api_id in self.held:  # behind what is already waiting for that api
+            self.held[api_id].append((time.monotonic() + UNROUTABLE_GRACE_S, payload, outputs))
+            return
+        try:
+            self.sock.send_multipart([api_id, payload])
+        except zmq.ZMQError:  # not connected (yet): ROUTER_MANDATORY
+            self.held[api_id] = deque([(time.monotonic() + UNROUTABLE_GRACE_S, payload, outputs)])
+
+    def retry(self) -> None:
+        for api_id in list(self.held):
+            queue = self.held[api_id]
+            while queue:
+                give_up, payload, outputs = queue[0]
+                try:
+                    self.sock.send_multipart([api_id, payload])
+                except zmq.ZMQError:
+                    if time.monotonic() < give_up:
+                        break
+                    log.warning("api %s unreachable; dropped %d outputs", api_id, outputs)
+                queue.popleft()
+            if not queue:
+                del self.held[api_id]
 
 
 class Detokenizer:
@@ -59,17 +98,18 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
     detok = Detokenizer(TextTokenizer(model.hf_dir))
     ctx = zmq.Context.instance()
     inbox = socket(ctx, zmq.PULL, eps.detokenizer, bind=True)
-    apis = socket(ctx, zmq.ROUTER, eps.outputs, bind=True)
+    outbox = Outbox(socket(ctx, zmq.ROUTER, eps.outputs, bind=True))
     hop = Hop("scheduler->detokenizer", model.served_name)
     reporter.ready()
     while True:
         idle_since = time.monotonic_ns()
+        if outbox.held:
+            outbox.retry()
+            if outbox.held and not inbox.poll(RETRY_MS):
+                continue
         batch = recv(inbox)
         if isinstance(batch, Probe):
-            try:
-                apis.send_multipart([batch.api_id, encode(batch)])
-            except zmq.ZMQError:
-                pass
+            outbox.send(batch.api_id, encode(batch), 1)
             continue
         if not isinstance(batch, TokenBatch):
             continue
@@ -90,7 +130,4 @@ def main(reporter: Reporter, config: Config, model: ModelInfo, eps: Endpoints) -
                 detok.text_logprobs(batch.prompt_logprobs[i]) if batch.prompt_logprobs else None,
             ))
         for api_id, outputs in per_api.items():
-            try:
-                apis.send_multipart([api_id, encode(OutputBatch(outputs, time.monotonic_ns()))])
-            except zmq.ZMQError:  # that api process is gone (ROUTER_MANDATORY): nobody to tell
-                log.warning("api %s unreachable; dropped %d outputs", api_id, len(outputs))
+            outbox.send(api_id, encode(OutputBatch(outputs, time.monotonic_ns())), len(outputs))
