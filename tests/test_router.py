@@ -106,7 +106,10 @@ def test_plain_and_streamed_requests_through_smg(replicas):
     with Router([a, b], "round_robin") as router:
         client = router.client()
         for i in range(4):
-            reply = client.chat.completions.create(model=TINY_NAME, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=5)
+            # ignore_eos: at the default temperature the random test model can sample its EOS within 5
+            # tokens (1 suite run in ~20 here), and then the answer ends with "stop"
+            reply = client.chat.completions.create(model=TINY_NAME, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=5,
+                                                   extra_body={"ignore_eos": True})
             assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 5
             chunks = list(client.completions.create(model=TINY_NAME, prompt=f"story {i}", max_tokens=5, stream=True, extra_body={"ignore_eos": True}))
             assert "".join(c.choices[0].text for c in chunks if c.choices) and chunks[-1].choices[0].finish_reason == "length"
