@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -27,11 +29,27 @@ def resident_mb() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
 
 
+def keep_step_buffers() -> None:
+    """Fixed glibc malloc thresholds, so that a step's tensors of a few MB (32 rows of logits are 6 MB)
+    are reused from the heap. With glibc's moving thresholds they were handed back to the kernel when
+    freed and the next step's faulted their pages in again, zeroed: measured in a served 32-stream run on
+    a Zen 4 EPYC, the kernel's share of the worker's time went from 4.0% (mostly clear_page) to 0.8%.
+    Blocks above 64 MB (a long unchunked prompt's) are still mapped apart and given back when freed, and
+    the heap's top is still trimmed past 128 MB free, so resident memory keeps following the load."""
+    libc = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
+    if mallopt is not None:  # glibc; other C libraries keep their own policy
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        mallopt(M_MMAP_THRESHOLD, 64 << 20)
+        mallopt(M_TRIM_THRESHOLD, 128 << 20)
+
+
 def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoints, rank: int) -> None:
     # Before torch is imported: its CPU allocator then backs large tensors (weights, the KV cache) with 2 MB
     # pages. Decode attention reads cached rows scattered over the pool, and on 4 KB pages that is mostly
     # TLB misses: measured here, 32 streams' attention took 1.1 ms per layer on 4 KB pages, 0.86 on 2 MB.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    keep_step_buffers()
     isa.cap_onednn(isa.chosen(config.engine.cpu_isa))  # read by oneDNN when torch first uses it
     import torch
     import torch.distributed as dist
