@@ -156,6 +156,13 @@ REPLIES = {
     "nested braces": ('<tool_call>\n{"name": "f", "arguments": {"a": {"b": [1, {"c": "}"}]}}}\n</tool_call>', None, [("f", {"a": {"b": [1, {"c": "}"}]}})]),
     "no call": ("Just text, with a < and a <tool_c", "Just text, with a < and a <tool_c", []),
     "not a call": ("<tool_call>not json</tool_call> ok", "<tool_call>not json</tool_call> ok", []),
+    # max_tokens can end a reply anywhere after the arguments: the call keeps exactly its arguments.
+    "cut in the closing tag": ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>\n'
+                               '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call',
+                               None, [("get_time", {"zone": "UTC"}), ("get_weather", {"city": "Rome"})]),
+    "cut before the tag": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": {"n": 2}}}\n</',
+                           None, [("get_weather", {"city": "Rome", "days": {"n": 2}})]),
+    "cut before the call's brace": ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}', None, [("get_time", {"zone": "CET"})]),
 }
 
 
@@ -185,3 +192,17 @@ def test_the_parser_whole_and_streamed(name):
         assert [(n, json.loads(a)) for n, a in got.values()] == calls
         streamed = "".join(d.get("content", "") for d in deltas)
         assert (streamed.strip() or None) == (content.strip() if content else None)
+
+
+def test_a_call_cut_inside_its_arguments_keeps_what_was_written():
+    """As vLLM and OpenAI do with finish_reason "length": the partial arguments, no tag text in them."""
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Ro'
+    for step in (1, 3, len(text)):
+        parser, sent = ToolParser(), ""
+        for at in range(0, len(text), step):
+            for part in parser.feed(text[at:at + step]).get("tool_calls", []):
+                sent += part["function"].get("arguments", "")
+        for part in parser.finish().get("tool_calls", []):
+            sent += part["function"].get("arguments", "")
+        assert sent == '{"city": "Ro'
+        assert message(parser)["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Ro'}

@@ -27,6 +27,7 @@ from serve.stops import held_back
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # The start of a call's body up to its arguments: the name is sent as soon as this matches.
+_JSON = json.JSONDecoder()
 HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
 
@@ -199,12 +200,12 @@ class ToolParser:
         if not self._head(out):
             return
         raw = call.body[call.args_at:].lstrip()
-        if final:  # the body ends with the object's own "}"
-            end = raw.rstrip()
-            end = end[:-1] if end.endswith("}") else end
-            args = end.rstrip()
-        else:  # hold back what may be the object's closing brace, whitespace, or a partial </tool_call>
-            args = raw[:len(raw) - held_back(raw, CLOSE)].rstrip(" \n\t}")
+        try:  # the arguments end where their JSON value does, whatever follows (the call's "}", a cut tag)
+            args = raw[:_JSON.raw_decode(raw)[1]]
+        except ValueError:  # not whole yet, or cut by max_tokens: hold back what may still close the call
+            args = raw[:len(raw) - held_back(raw, CLOSE)].rstrip()
+            if not final:  # a "}" here may be the call's own, not the arguments'
+                args = args.rstrip(" \n\t}")
         if len(args) > call.sent and args.startswith(call.arguments):
             out.call(call.index, {"function": {"arguments": args[call.sent:]}})
             call.sent, call.arguments = len(args), args
