@@ -391,17 +391,19 @@ def test_oversized_body_gets_413(tiny_server):
 # --- 8. aborts --------------------------------------------------------------------------------------
 
 
-def test_non_streaming_client_that_leaves_aborts_its_request(tiny_server):
+def test_non_streaming_client_that_leaves_aborts_its_request(long_server):
     async def leave_while_running() -> None:
-        async with httpx.AsyncClient(base_url=tiny_server.url, timeout=120) as http:
-            body = {"model": TINY_NAME, "prompt": PROMPT, "ignore_eos": True}  # the rest of the context
+        async with httpx.AsyncClient(base_url=long_server.url, timeout=120) as http:
+            # The rest of an 8k context: seconds of work, so the request still runs when the client leaves.
+            body = {"model": TINY_NAME, "prompt": PROMPT, "ignore_eos": True}
             request = asyncio.ensure_future(http.post("/v1/completions", json=body))
-            while (await http.get("/stats")).json()["running"] == 0:
+            while (await http.get("/stats")).json()["running"] == 0 and not request.done():
                 await asyncio.sleep(0.02)
+            assert not request.done(), "the request finished before it was seen running"
             request.cancel()  # the client gives up: its connection closes
             await asyncio.gather(request, return_exceptions=True)
 
-    with tiny_server.http() as http:
+    with long_server.http() as http:
         before = http.get("/stats").json()["aborted"]
         asyncio.run(leave_while_running())
         stats = wait_idle(http)
