@@ -6,11 +6,11 @@
 namespace serve_native {
 
 // The first index of each row's largest value, as torch.argmax gives it (logits are finite).
-torch::Tensor argmax_rows(const torch::Tensor& x) {
+at::Tensor argmax_rows(const at::Tensor& x) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "argmax_rows: x must be [B, V]");
   const int64_t B = x.size(0), V = x.size(1);
-  auto out = torch::empty({B}, torch::TensorOptions().dtype(torch::kInt64));
+  auto out = at::empty({B}, at::TensorOptions().dtype(at::kLong));
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   parallel_chunks(B, 1, [&](int64_t r0, int64_t r1) {

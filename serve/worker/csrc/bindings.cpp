@@ -7,27 +7,27 @@
 
 namespace serve_native {
 // layer_ops.cpp
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& req_to_token,
-                               const torch::Tensor& rows, const torch::Tensor& lens);
-void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch::Tensor& cache, const torch::Tensor& slots, int64_t n_q,
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& req_to_token,
+                            const at::Tensor& rows, const at::Tensor& lens);
+void rope_store(const at::Tensor& qkv, const at::Tensor& rope, const at::Tensor& cache, const at::Tensor& slots, int64_t n_q,
                 double q_scale);
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
-torch::Tensor add_rms_norm(const torch::Tensor& h, const torch::Tensor& delta, const torch::Tensor& w, double eps);
-torch::Tensor silu_mul(const torch::Tensor& gate_up);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor add_rms_norm(const at::Tensor& h, const at::Tensor& delta, const at::Tensor& w, double eps);
+at::Tensor silu_mul(const at::Tensor& gate_up);
 // qlinear.cpp
 std::vector<std::string> qgemm_levels();
 bool qgemm_runs(int64_t level);
-std::tuple<torch::Tensor, std::vector<int64_t>> repack(const torch::Tensor& raw, int64_t type, int64_t K);
-torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& fmt, const std::optional<torch::Tensor>& bias,
-                      int64_t level);
-torch::Tensor dequant_rows(const torch::Tensor& w, const std::vector<int64_t>& fmt, const torch::Tensor& ids);
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_acts(const torch::Tensor& x, int64_t level);
+std::tuple<at::Tensor, std::vector<int64_t>> repack(const at::Tensor& raw, int64_t type, int64_t K);
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& fmt, const std::optional<at::Tensor>& bias,
+                   int64_t level);
+at::Tensor dequant_rows(const at::Tensor& w, const std::vector<int64_t>& fmt, const at::Tensor& ids);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_acts(const at::Tensor& x, int64_t level);
 // argmax.cpp
-torch::Tensor argmax_rows(const torch::Tensor& x);
+at::Tensor argmax_rows(const at::Tensor& x);
 // sample.cpp
-torch::Tensor sample_rows(const torch::Tensor& x, const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
-                          const torch::Tensor& min_p, const torch::Tensor& u);
-void apply_bitmask(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& masks);
+at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                       const at::Tensor& min_p, const at::Tensor& u);
+void apply_bitmask(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& masks);
 // decode_layers.cpp
 void bind_decode_layers(py::module_& m);
 }  // namespace serve_native

@@ -2,8 +2,13 @@
 
 #pragma once
 
-#include <torch/types.h>  // not torch/extension.h: these files need no autograd or Python (seconds of compile each)
+// Only the parts of ATen these files use, not torch/types.h (every ATen operator): a file that includes
+// this compiles in ~6 s instead of ~12 here, and a fresh machine's first build pays that six times.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -79,13 +84,13 @@ inline void axpy(float p, const T* x, float* y, int64_t n) {
   for (; k < n; ++k) y[k] += p * static_cast<float>(x[k]);
 }
 
-inline void check_cache(const torch::Tensor& cache) {
-  TORCH_CHECK(cache.device().is_cpu() && cache.is_contiguous() && (cache.scalar_type() == torch::kFloat32 || cache.scalar_type() == torch::kHalf),
+inline void check_cache(const at::Tensor& cache) {
+  TORCH_CHECK(cache.device().is_cpu() && cache.is_contiguous() && (cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kHalf),
               "cache must be a contiguous float32 or float16 CPU tensor");
 }
 
-inline void check_f32(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name, " must be a contiguous float32 CPU tensor");
+inline void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name, " must be a contiguous float32 CPU tensor");
 }
 
 }  // namespace serve_native

@@ -11,26 +11,26 @@
 
 namespace serve_native {
 
-torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& fmt, const std::optional<torch::Tensor>& bias,
-                      int64_t level);
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& req_to_token,
-                               const torch::Tensor& rows, const torch::Tensor& lens);
-void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch::Tensor& cache, const torch::Tensor& slots, int64_t n_q,
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& fmt, const std::optional<at::Tensor>& bias,
+                   int64_t level);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& req_to_token,
+                            const at::Tensor& rows, const at::Tensor& lens);
+void rope_store(const at::Tensor& qkv, const at::Tensor& rope, const at::Tensor& cache, const at::Tensor& slots, int64_t n_q,
                 double q_scale);
-torch::Tensor add_rms_norm(const torch::Tensor& h, const torch::Tensor& delta, const torch::Tensor& w, double eps);
-torch::Tensor silu_mul(const torch::Tensor& gate_up);
+at::Tensor add_rms_norm(const at::Tensor& h, const at::Tensor& delta, const at::Tensor& w, double eps);
+at::Tensor silu_mul(const at::Tensor& gate_up);
 
 struct QuantMatrix {
-  torch::Tensor packed;
+  at::Tensor packed;
   std::vector<int64_t> format;
-  std::optional<torch::Tensor> bias;
+  std::optional<at::Tensor> bias;
 
-  torch::Tensor operator()(const torch::Tensor& x, int64_t level) const { return qlinear(x, packed, format, bias, level); }
+  at::Tensor operator()(const at::Tensor& x, int64_t level) const { return qlinear(x, packed, format, bias, level); }
 };
 
 struct DecodeLayer {
   QuantMatrix qkv, o, gate_up, down;
-  torch::Tensor post_norm, next_norm;  // next_norm: the next layer's input norm, or the final norm
+  at::Tensor post_norm, next_norm;  // next_norm: the next layer's input norm, or the final norm
   double q_scale;
 };
 
@@ -39,26 +39,26 @@ class DecodeLayers {
   DecodeLayers(int64_t n_q, int64_t n_kv, int64_t head_dim, double eps, int64_t level)
       : n_q_(n_q), n_kv_(n_kv), d_(head_dim), eps_(eps), level_(level) {}
 
-  void add(const torch::Tensor& qkv, const std::vector<int64_t>& qkv_f, const std::optional<torch::Tensor>& qkv_b,
-           const torch::Tensor& o, const std::vector<int64_t>& o_f, const std::optional<torch::Tensor>& o_b,
-           const torch::Tensor& gu, const std::vector<int64_t>& gu_f, const std::optional<torch::Tensor>& gu_b,
-           const torch::Tensor& down, const std::vector<int64_t>& down_f, const std::optional<torch::Tensor>& down_b,
-           const torch::Tensor& post_norm, const torch::Tensor& next_norm, double q_scale) {
+  void add(const at::Tensor& qkv, const std::vector<int64_t>& qkv_f, const std::optional<at::Tensor>& qkv_b,
+           const at::Tensor& o, const std::vector<int64_t>& o_f, const std::optional<at::Tensor>& o_b,
+           const at::Tensor& gu, const std::vector<int64_t>& gu_f, const std::optional<at::Tensor>& gu_b,
+           const at::Tensor& down, const std::vector<int64_t>& down_f, const std::optional<at::Tensor>& down_b,
+           const at::Tensor& post_norm, const at::Tensor& next_norm, double q_scale) {
     layers_.push_back({{qkv, qkv_f, qkv_b}, {o, o_f, o_b}, {gu, gu_f, gu_b}, {down, down_f, down_b}, post_norm, next_norm, q_scale});
   }
 
   // h [T, hidden] the residual stream (updated in place), x = the first layer's input norm of it;
   // returns the final norm of the last layer's output. rope, slots: the new tokens'; table, rows, lens:
   // each token's query over its sequence, as decode_attention takes them.
-  torch::Tensor run(const torch::Tensor& h, torch::Tensor x, const std::vector<torch::Tensor>& caches, const torch::Tensor& rope,
-                    const torch::Tensor& slots, const torch::Tensor& table, const torch::Tensor& rows, const torch::Tensor& lens) const {
+  at::Tensor run(const at::Tensor& h, at::Tensor x, const std::vector<at::Tensor>& caches, const at::Tensor& rope,
+                 const at::Tensor& slots, const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens) const {
     TORCH_CHECK(caches.size() == layers_.size(), "run: one cache per layer");
     const int64_t T = h.size(0);
     for (size_t i = 0; i < layers_.size(); ++i) {
       const DecodeLayer& L = layers_[i];
-      torch::Tensor qkv = L.qkv(x, level_).view({T, n_q_ + 2 * n_kv_, d_});
+      at::Tensor qkv = L.qkv(x, level_).view({T, n_q_ + 2 * n_kv_, d_});
       rope_store(qkv, rope, caches[i], slots, n_q_, L.q_scale);
-      torch::Tensor attn = decode_attention(qkv.narrow(1, 0, n_q_), caches[i], table, rows, lens).view({T, n_q_ * d_});
+      at::Tensor attn = decode_attention(qkv.narrow(1, 0, n_q_), caches[i], table, rows, lens).view({T, n_q_ * d_});
       x = add_rms_norm(h, L.o(attn, level_), L.post_norm, eps_);
       x = add_rms_norm(h, L.down(silu_mul(L.gate_up(x, level_)), level_), L.next_norm, eps_);
     }

@@ -56,8 +56,8 @@ inline void weighted_values(const float* p, int64_t L, const int64_t* slots, con
 }
 
 template <typename T>
-void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& req_to_token,
-                           const torch::Tensor& rows, const torch::Tensor& lens, const torch::Tensor& out) {
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& req_to_token,
+                           const at::Tensor& rows, const at::Tensor& lens, const at::Tensor& out) {
   const int64_t B = q.size(0), n_q = q.size(1), d = q.size(2);
   const int64_t n_kv = cache.size(0) / 2, pool = cache.size(1), max_len = req_to_token.size(1);
   const int64_t g = n_q / n_kv;
@@ -135,17 +135,17 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& cache, c
   });
 }
 
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& req_to_token,
-                               const torch::Tensor& rows, const torch::Tensor& lens) {
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& req_to_token,
+                            const at::Tensor& rows, const at::Tensor& lens) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
               "q must be a float32 CPU tensor [B, n_q, d], rows contiguous");
   TORCH_CHECK(rows.numel() == q.size(0) && lens.numel() == q.size(0), "decode_attention: one row and one length per query");
   check_cache(cache);
-  TORCH_CHECK(req_to_token.scalar_type() == torch::kInt64 && req_to_token.is_contiguous(), "req_to_token must be contiguous int64");
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && lens.scalar_type() == torch::kInt64, "rows and lens must be int64");
+  TORCH_CHECK(req_to_token.scalar_type() == at::kLong && req_to_token.is_contiguous(), "req_to_token must be contiguous int64");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "rows and lens must be int64");
   TORCH_CHECK(cache.size(2) == q.size(2) && q.size(1) % (cache.size(0) / 2) == 0, "decode_attention: head shapes disagree");
-  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  if (cache.scalar_type() == torch::kHalf) decode_attention_impl<at::Half>(q, cache, req_to_token, rows, lens, out);
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (cache.scalar_type() == at::kHalf) decode_attention_impl<at::Half>(q, cache, req_to_token, rows, lens, out);
   else decode_attention_impl<float>(q, cache, req_to_token, rows, lens, out);
   return out;
 }
@@ -155,18 +155,18 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cach
 // token's position. Rotates the query and key heads in place (the queries also times q_scale: the
 // attention scale, where quantized weights could not take it), then copies keys and values to their
 // slots (rounded to float16 when the cache is: engine.kv_cache_dtype).
-void rope_store(const torch::Tensor& qkv, const torch::Tensor& rope, const torch::Tensor& cache, const torch::Tensor& slots, int64_t n_q,
+void rope_store(const at::Tensor& qkv, const at::Tensor& rope, const at::Tensor& cache, const at::Tensor& slots, int64_t n_q,
                 double q_scale) {
   check_f32(qkv, "qkv");
   check_f32(rope, "rope");
   check_cache(cache);
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64, "slots must be int64");
+  TORCH_CHECK(slots.scalar_type() == at::kLong, "slots must be int64");
   const int64_t T = qkv.size(0), heads = qkv.size(1), d = qkv.size(2), n_kv = (heads - n_q) / 2, pool = cache.size(1);
   TORCH_CHECK(cache.size(0) == 2 * n_kv && cache.size(2) == d && rope.size(0) == T && rope.numel() == T * d && slots.numel() == T,
               "rope_store: shapes disagree");
   float* x = qkv.data_ptr<float>();
   const float* cs = rope.data_ptr<float>();
-  const bool half = cache.scalar_type() == torch::kHalf;
+  const bool half = cache.scalar_type() == at::kHalf;
   float* cf = half ? nullptr : cache.data_ptr<float>();
   at::Half* ch = half ? cache.data_ptr<at::Half>() : nullptr;
   auto slot_t = slots.contiguous();
@@ -219,12 +219,12 @@ inline void rms_row(const float* x, const float* w, float* out, int64_t n, float
 }
 
 // RMSNorm over the last dimension of x (any leading shape).
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   check_f32(x, "x");
   check_f32(w, "weight");
   const int64_t n = w.numel(), rows = x.numel() / n;
   TORCH_CHECK(x.size(-1) == n, "rms_norm: shapes disagree");
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -235,13 +235,13 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 }
 
 // h += delta (the residual add), then returns RMSNorm(h).
-torch::Tensor add_rms_norm(const torch::Tensor& h, const torch::Tensor& delta, const torch::Tensor& w, double eps) {
+at::Tensor add_rms_norm(const at::Tensor& h, const at::Tensor& delta, const at::Tensor& w, double eps) {
   check_f32(h, "h");
   check_f32(delta, "delta");
   check_f32(w, "weight");
   TORCH_CHECK(h.sizes() == delta.sizes() && h.size(-1) == w.numel(), "add_rms_norm: shapes disagree");
   const int64_t n = w.numel(), rows = h.numel() / n;
-  auto out = torch::empty_like(h);
+  auto out = at::empty_like(h);
   float* hp = h.data_ptr<float>();
   const float* dp = delta.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
@@ -258,11 +258,11 @@ torch::Tensor add_rms_norm(const torch::Tensor& h, const torch::Tensor& delta, c
 }
 
 // gate_up [T, 2F] -> silu(gate) * up [T, F]
-torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+at::Tensor silu_mul(const at::Tensor& gate_up) {
   check_f32(gate_up, "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: gate_up must be [T, 2F]");
   const int64_t T = gate_up.size(0), F = gate_up.size(1) / 2;
-  auto out = torch::empty({T, F}, gate_up.options());
+  auto out = at::empty({T, F}, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
   parallel_chunks(T, 8, [&](int64_t t0, int64_t t1) {

@@ -155,14 +155,14 @@ inline void put_scale(uint8_t* at, int64_t lane, float v, bool f32) {
 }
 
 // raw [N, row bytes] of one GGUF tensor with K values per row -> (tiles, format as 6 integers).
-std::tuple<torch::Tensor, std::vector<int64_t>> repack(const torch::Tensor& raw, int64_t type, int64_t K) {
-  TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 2 && raw.is_contiguous(), "repack: raw must be contiguous uint8 [N, bytes]");
+std::tuple<at::Tensor, std::vector<int64_t>> repack(const at::Tensor& raw, int64_t type, int64_t K) {
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous(), "repack: raw must be contiguous uint8 [N, bytes]");
   Source src = source_of(type);
   TORCH_CHECK(K % src.elems == 0 && K % QK == 0 && raw.size(1) == K / src.elems * src.bytes, "repack: row length does not match the type");
   WeightFormat f = src.format;
   f.K = K;
   f.N = raw.size(0);
-  auto out = torch::zeros({f.tiles() * f.tile_bytes()}, raw.options());
+  auto out = at::zeros({f.tiles() * f.tile_bytes()}, raw.options());
   uint8_t* dst = out.data_ptr<uint8_t>();
   const uint8_t* base = raw.data_ptr<uint8_t>();
   const int64_t row_bytes = raw.size(1), ssz = f.f32_scales ? 4 : 2;
@@ -189,23 +189,23 @@ std::tuple<torch::Tensor, std::vector<int64_t>> repack(const torch::Tensor& raw,
   return {out, {f.kind, f.block, f.has_min, f.f32_scales, f.K, f.N}};
 }
 
-WeightFormat format_of(const std::vector<int64_t>& v, const torch::Tensor& w) {
+WeightFormat format_of(const std::vector<int64_t>& v, const at::Tensor& w) {
   TORCH_CHECK(v.size() == 6, "format: 6 integers");
   WeightFormat f{static_cast<int32_t>(v[0]), static_cast<int32_t>(v[1]), static_cast<int32_t>(v[2]), static_cast<int32_t>(v[3]), v[4], v[5]};
   TORCH_CHECK((f.kind == W4 && f.block == 32) || (f.kind == W8 && (f.block == 32 || f.block == 16)), "format: unknown kind or block");
   TORCH_CHECK(f.K > 0 && f.K % QK == 0 && f.N > 0, "format: K must be a positive multiple of 32");
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.numel() == f.tiles() * f.tile_bytes(), "weights do not match their format");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.numel() == f.tiles() * f.tile_bytes(), "weights do not match their format");
   return f;
 }
 
 // Rows `ids` of the weight, as float32 (the embedding lookup of a tied GGUF embedding).
-torch::Tensor dequant_rows(const torch::Tensor& w, const std::vector<int64_t>& fmt, const torch::Tensor& ids) {
+at::Tensor dequant_rows(const at::Tensor& w, const std::vector<int64_t>& fmt, const at::Tensor& ids) {
   const WeightFormat f = format_of(fmt, w);
-  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1, "ids must be int64 [T]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "ids must be int64 [T]");
   const auto idc = ids.contiguous();
   const int64_t T = idc.size(0);
   const int64_t* id = idc.data_ptr<int64_t>();
-  auto out = torch::empty({T, f.K}, torch::TensorOptions().dtype(torch::kFloat32));
+  auto out = at::empty({T, f.K}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const uint8_t* base = w.data_ptr<uint8_t>();
   parallel_chunks(T, 16, [&](int64_t t0, int64_t t1) {
@@ -280,10 +280,10 @@ void run_gemm(const QgemmKernels& k, const WeightFormat& f, const uint8_t* w, co
 }
 
 // y = x @ W.T + bias; x float32 [M, K] with contiguous rows, W tiles of `fmt`.
-torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& fmt, const std::optional<torch::Tensor>& bias,
-                      int64_t level) {
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& fmt, const std::optional<at::Tensor>& bias,
+                   int64_t level) {
   const WeightFormat f = format_of(fmt, w);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1 && x.size(1) == f.K,
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1 && x.size(1) == f.K,
               "qlinear: x must be float32 [M, ", f.K, "] with contiguous rows");
   const float* b = nullptr;
   if (bias) {
@@ -292,7 +292,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const std:
     b = bias->data_ptr<float>();
   }
   const int64_t M = x.size(0);
-  auto y = torch::empty({M, f.N}, x.options());
+  auto y = at::empty({M, f.N}, x.options());
   if (M == 0) return y;  // a step that samples nothing
   const QgemmKernels& k = kernels(level);
   thread_local Scratch scratch;
@@ -303,13 +303,13 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const std:
 }
 
 // For the tests: the activation quantization as the matmul sees it, (q [M, K] int8, d, s [M, K/32]).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_acts(const torch::Tensor& x, int64_t level) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_acts(const at::Tensor& x, int64_t level) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.size(1) % QK == 0, "quantize_acts: x [M, K] with K a multiple of 32");
   const int64_t M = x.size(0), K = x.size(1);
-  auto q = torch::empty({M, K}, torch::TensorOptions().dtype(torch::kInt8));
-  auto u = torch::empty({M, K}, torch::TensorOptions().dtype(torch::kUInt8));
-  auto d = torch::empty({M, K / QK}, x.options()), s = torch::empty({M, K / QK}, x.options());
+  auto q = at::empty({M, K}, at::TensorOptions().dtype(at::kChar));
+  auto u = at::empty({M, K}, at::TensorOptions().dtype(at::kByte));
+  auto d = at::empty({M, K / QK}, x.options()), s = at::empty({M, K / QK}, x.options());
   kernels(level).quantize(x.data_ptr<float>(), K, K, q.data_ptr<int8_t>(), u.data_ptr<uint8_t>(), d.data_ptr<float>(), s.data_ptr<float>(), 0, M);
   return {q, d, s};
 }

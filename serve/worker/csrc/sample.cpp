@@ -107,16 +107,16 @@ void truncate_row(float* e, int64_t V, double total, int64_t top_k, double top_p
 
 // x [B, V] float32 logits (penalties and biases applied); per row its temperature (> 0), top_k (0: off),
 // top_p, min_p and a uniform number u in [0, 1). Returns the sampled token of each row.
-torch::Tensor sample_rows(const torch::Tensor& x, const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
-                          const torch::Tensor& min_p, const torch::Tensor& u) {
+at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                       const at::Tensor& min_p, const at::Tensor& u) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2, "sample_rows: x must be [B, V]");
   const int64_t B = x.size(0), V = x.size(1);
   for (const auto* t : {&temperature, &top_p, &min_p})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->numel() == B && t->is_contiguous(), "sample_rows: one float32 per row");
-  TORCH_CHECK(top_k.scalar_type() == torch::kInt64 && top_k.numel() == B, "sample_rows: top_k, one int64 per row");
-  TORCH_CHECK(u.scalar_type() == torch::kFloat64 && u.numel() == B, "sample_rows: u, one float64 per row");
-  auto out = torch::empty({B}, torch::TensorOptions().dtype(torch::kInt64));
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == B && t->is_contiguous(), "sample_rows: one float32 per row");
+  TORCH_CHECK(top_k.scalar_type() == at::kLong && top_k.numel() == B, "sample_rows: top_k, one int64 per row");
+  TORCH_CHECK(u.scalar_type() == at::kDouble && u.numel() == B, "sample_rows: u, one float64 per row");
+  auto out = at::empty({B}, at::TensorOptions().dtype(at::kLong));
   const float* xp = x.data_ptr<float>();
   const float *tp = temperature.data_ptr<float>(), *pp = top_p.data_ptr<float>(), *mp = min_p.data_ptr<float>();
   const auto kc = top_k.contiguous(), uc = u.contiguous();
@@ -147,10 +147,10 @@ torch::Tensor sample_rows(const torch::Tensor& x, const torch::Tensor& temperatu
 
 // Structured outputs: x[rows[r], j] = -inf wherever bit j of masks[r] is 0 (llguidance's bitmask: one
 // bit per token, little-endian). Eight tokens per mask byte, eight lanes per vector.
-void apply_bitmask(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& masks) {
+void apply_bitmask(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& masks) {
   check_f32(x, "x");
-  TORCH_CHECK(x.dim() == 2 && rows.scalar_type() == torch::kInt64 && rows.dim() == 1, "apply_bitmask: x [B, V], rows int64 [R]");
-  TORCH_CHECK(masks.scalar_type() == torch::kUInt8 && masks.dim() == 2 && masks.size(0) == rows.size(0) && masks.is_contiguous(),
+  TORCH_CHECK(x.dim() == 2 && rows.scalar_type() == at::kLong && rows.dim() == 1, "apply_bitmask: x [B, V], rows int64 [R]");
+  TORCH_CHECK(masks.scalar_type() == at::kByte && masks.dim() == 2 && masks.size(0) == rows.size(0) && masks.is_contiguous(),
               "apply_bitmask: masks uint8 [R, bytes]");
   const int64_t B = x.size(0), V = x.size(1), R = rows.size(0), W = masks.size(1);
   TORCH_CHECK(W * 8 >= V, "apply_bitmask: a mask has fewer bits than the vocabulary");
