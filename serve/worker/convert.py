@@ -10,6 +10,7 @@ so a crash leaves no half cache.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
@@ -28,10 +29,29 @@ def convert(src: Path, dest: Path, weights: bool = False) -> None:
     tmp.rename(dest)
 
 
+def _read_metadata_once() -> None:
+    """transformers parses a GGUF's metadata (its vocabulary too) once for the tokenizer and again for the
+    config: ~5 s each for SmolLM2's file here, most of the conversion. Both ask the same question of the
+    same file, so the second is answered from the first (a copy: callers may change what they get)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    read, answers = gguf_utils.load_gguf_checkpoint, {}
+
+    def once(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return read(path, return_tensors=return_tensors, **kwargs)
+        if str(path) not in answers:
+            answers[str(path)] = read(path, return_tensors=False)
+        return copy.deepcopy(answers[str(path)])
+
+    gguf_utils.load_gguf_checkpoint = once  # both callers import it from the module when they run
+
+
 def _write(src: Path, tmp: Path, weights: bool) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    _read_metadata_once()
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     if weights:
         from safetensors.torch import save_file
