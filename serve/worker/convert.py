@@ -37,9 +37,9 @@ def _read_metadata_once() -> None:
 
     read, answers = gguf_utils.load_gguf_checkpoint, {}
 
-    def once(path, return_tensors=False, **kwargs):
-        if return_tensors or kwargs:
-            return read(path, return_tensors=return_tensors, **kwargs)
+    def once(path, *args, **kwargs):
+        if args or kwargs not in ({}, {"return_tensors": False}):  # the tensors, or a call we do not know
+            return read(path, *args, **kwargs)
         if str(path) not in answers:
             answers[str(path)] = read(path, return_tensors=False)
         return copy.deepcopy(answers[str(path)])
