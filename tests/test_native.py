@@ -126,18 +126,22 @@ def reference_attention(q, cache, table, rows, lens):
     return out.view(q.shape[0], -1)
 
 
+# Every level this CPU runs: from avx512 on, a float16 cache with 64-value heads takes
+# csrc/attention_avx512.cpp (groups of 1 to 4 query heads), everything else the AVX2 loop.
+@pytest.mark.parametrize("level", LEVELS, ids=[native.KERNEL_NAMES[n] for n in LEVELS])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n_q,n_kv,d", [(9, 3, 64), (4, 4, 32), (8, 2, 40)])
-def test_decode_attention_reads_scattered_slots(k, n_q, n_kv, d, cache_dtype):
+@pytest.mark.parametrize("n_q,n_kv,d", [(9, 3, 64), (4, 4, 64), (8, 2, 64), (16, 4, 64), (4, 4, 32), (8, 2, 40)])
+def test_decode_attention_reads_scattered_slots(k, n_q, n_kv, d, cache_dtype, level):
     g = torch.Generator().manual_seed(n_q)
-    pool, max_len = 500, 96
+    pool, max_len = 500, 200
     cache = torch.randn(2 * n_kv, pool, d, generator=g).to(cache_dtype)  # float16: engine.kv_cache_dtype
     table = torch.randint(0, pool, (6, max_len), generator=g)
-    rows, lens = torch.tensor([4, 0, 5, 2]), torch.tensor([1, 7, 96, 33])  # a length 1, a full row, non-multiples of 8
+    # A length 1, a full row, lengths on and either side of the 16 keys scored together.
+    rows, lens = torch.tensor([4, 0, 5, 2, 1, 3]), torch.tensor([1, 7, 200, 33, 16, 17])
     # q as the model passes it: a slice of the fused qkv, so its rows are strided.
-    qkv = torch.randn(4, n_q + 2 * n_kv, d, generator=g) * 0.3
+    qkv = torch.randn(6, n_q + 2 * n_kv, d, generator=g) * 0.3
     q = qkv[:, :n_q]
-    got = k.decode_attention(q, cache, table, rows, lens).view(4, -1)
+    got = k.decode_attention(q, cache, table, rows, lens, level).view(6, -1)
     assert (got - reference_attention(q, cache.float(), table, rows, lens)).abs().max().item() < 1e-5
 
 

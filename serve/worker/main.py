@@ -97,7 +97,7 @@ def main(reporter: Reporter, config: Config, model_info: ModelInfo, eps: Endpoin
         results = socket(ctx, zmq.PUSH, None, bind=False)
         connect_secure(results, layout.endpoint(RESULTS), keys)
     reporter.ready(
-        device=str(placement.device), dtype=str(model.dtype).removeprefix("torch."), **model.describe(),
+        device=str(placement.device), dtype=str(model.dtype).removeprefix("torch."), **model.describe(kv_dtype),
         kv_dtype=str(kv_dtype).removeprefix("torch."), threads=threads,
         load_s=round(load_s, 1), kv_mb=engine.kv_bytes() // 2**20, rss_mb=resident_mb(),
     )

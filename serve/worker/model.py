@@ -274,8 +274,9 @@ class Model:
                       layer.post_norm, nxt, layer.q_scale)
         return fused
 
-    def describe(self) -> dict[str, str]:
-        """What the banner says of this model: how its weights are stored and which path each kind of op takes."""
+    def describe(self, kv_dtype: torch.dtype = torch.float16) -> dict[str, str]:
+        """What the banner says of this model: how its weights are stored and which path each kind of op takes
+        (decode attention's depends on the KV cache's dtype)."""
         f, used = self.formats, self.linears.used
         floats = {"float32", "bfloat16", "float16"}
         quantized = [name for name in used if name not in floats]
@@ -289,8 +290,13 @@ class Model:
         if "bfloat16" in used or "float16" in used:
             native_bf16 = "amx" if isa.at_least(self.isa, "amx") else "native" if isa.native_bf16(self.isa) else "emulated"
             paths.append(f"onednn-bf16-{native_bf16}" if self.device.type == "cpu" and "bfloat16" in used else "torch")
-        # Attention, RoPE, norms and SiLU: our AVX2 kernels (at every level: they are not where the time goes).
-        ops = ("native-avx2" + ("+one-call" if self.fused is not None else "")) if self.ops.native else "torch"
+        # RoPE, norms and SiLU: our AVX2 kernels at every level (they are not where the time goes); decode
+        # attention on AVX-512 from that level on (a fifth of a 32-stream step), for float16 caches of
+        # 64-value heads (csrc/attention_avx512.cpp).
+        ops = "torch"
+        if self.ops.native:
+            wide = self.linears.level >= native.KERNEL_LEVEL["avx512"] and kv_dtype == torch.float16 and self.args.head_dim == 64
+            ops = "native-avx2" + ("+attention-avx512" if wide else "") + ("+one-call" if self.fused is not None else "")
         return {"quantization": mode, "weights": weights, "matmul": "+".join(paths), "ops": ops, "isa": self.isa or "none"}
 
     def init_rope(self, complex_rope: bool) -> None:
@@ -307,7 +313,7 @@ class Model:
         cos, sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
         self.complex_rope = complex_rope
         eps = self.args.rms_norm_eps
-        self.ops = NativeOps(eps, self.kernels) if complex_rope and self.kernels else TorchOps(eps, complex_rope)
+        self.ops = NativeOps(eps, self.kernels, self.linears.level) if complex_rope and self.kernels else TorchOps(eps, complex_rope)
         if complex_rope:
             self.rope_table = torch.complex(cos, sin).to(self.device)
         else:

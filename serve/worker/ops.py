@@ -78,9 +78,10 @@ class NativeOps(TorchOps):
 
     native = True
 
-    def __init__(self, eps: float, kernels: ModuleType) -> None:
+    def __init__(self, eps: float, kernels: ModuleType, level: int = 0) -> None:
         super().__init__(eps, complex_rope=True)
         self.k = kernels
+        self.level = level  # the quantized matmul's (native.kernel_level): from 2 on, attention runs on AVX-512
 
     def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.k.rms_norm(x, weight, self.eps) if x.is_contiguous() else super().rms(x, weight)
@@ -97,4 +98,4 @@ class NativeOps(TorchOps):
 
     def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, dec: DecodeView) -> torch.Tensor:
         B = q.shape[0]
-        return self.k.decode_attention(q, cache, dec.table, dec.rows, dec.lens).view(B, -1)
+        return self.k.decode_attention(q, cache, dec.table, dec.rows, dec.lens, self.level).view(B, -1)

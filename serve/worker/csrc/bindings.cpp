@@ -8,7 +8,7 @@
 namespace serve_native {
 // layer_ops.cpp
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& req_to_token,
-                            const at::Tensor& rows, const at::Tensor& lens);
+                            const at::Tensor& rows, const at::Tensor& lens, int64_t level);
 void rope_store(const at::Tensor& qkv, const at::Tensor& rope, const at::Tensor& cache, const at::Tensor& slots, int64_t n_q,
                 double q_scale);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
@@ -35,7 +35,8 @@ void bind_decode_layers(py::module_& m);
 using namespace serve_native;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "one query per request over its cached keys and values");
+  m.def("decode_attention", &decode_attention, "one query per request over its cached keys and values (AVX-512 from level 2 on)",
+        py::arg("q"), py::arg("cache"), py::arg("req_to_token"), py::arg("rows"), py::arg("lens"), py::arg("level") = 0);
   m.def("rope_store", &rope_store, "RoPE on q and k in place (q times q_scale), k and v written to the cache",
         py::arg("qkv"), py::arg("rope"), py::arg("cache"), py::arg("slots"), py::arg("n_q"), py::arg("q_scale") = 1.0);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");

@@ -14,7 +14,7 @@ namespace serve_native {
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& fmt, const std::optional<at::Tensor>& bias,
                    int64_t level);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& req_to_token,
-                            const at::Tensor& rows, const at::Tensor& lens);
+                            const at::Tensor& rows, const at::Tensor& lens, int64_t level);
 void rope_store(const at::Tensor& qkv, const at::Tensor& rope, const at::Tensor& cache, const at::Tensor& slots, int64_t n_q,
                 double q_scale);
 at::Tensor add_rms_norm(const at::Tensor& h, const at::Tensor& delta, const at::Tensor& w, double eps);
@@ -58,7 +58,7 @@ class DecodeLayers {
       const DecodeLayer& L = layers_[i];
       at::Tensor qkv = L.qkv(x, level_).view({T, n_q_ + 2 * n_kv_, d_});
       rope_store(qkv, rope, caches[i], slots, n_q_, L.q_scale);
-      at::Tensor attn = decode_attention(qkv.narrow(1, 0, n_q_), caches[i], table, rows, lens).view({T, n_q_ * d_});
+      at::Tensor attn = decode_attention(qkv.narrow(1, 0, n_q_), caches[i], table, rows, lens, level_).view({T, n_q_ * d_});
       x = add_rms_norm(h, L.o(attn, level_), L.post_norm, eps_);
       x = add_rms_norm(h, L.down(silu_mul(L.gate_up(x, level_)), level_), L.next_norm, eps_);
     }

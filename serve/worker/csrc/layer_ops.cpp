@@ -12,6 +12,8 @@
 
 #include "common.h"
 
+#include <type_traits>
+
 namespace serve_native {
 
 // ---- attention for decodes -------------------------------------------------------------------------
@@ -55,9 +57,14 @@ inline void weighted_values(const float* p, int64_t L, const int64_t* slots, con
   }
 }
 
+bool qgemm_runs(int64_t level);  // qlinear.cpp
+// attention_avx512.cpp: one task on AVX-512 (float16 cache, 64-value heads); false where it does not apply.
+bool attend_avx512_half(const uint16_t* keys, const uint16_t* values, const int64_t* slots, int64_t L, const float* qh, int64_t g,
+                        int64_t d, float* oh, float* scores);
+
 template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& req_to_token,
-                           const at::Tensor& rows, const at::Tensor& lens, const at::Tensor& out) {
+                           const at::Tensor& rows, const at::Tensor& lens, const at::Tensor& out, bool wide) {
   const int64_t B = q.size(0), n_q = q.size(1), d = q.size(2);
   const int64_t n_kv = cache.size(0) / 2, pool = cache.size(1), max_len = req_to_token.size(1);
   const int64_t g = n_q / n_kv;
@@ -82,6 +89,11 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const a
       const float* qh = qp + b * q_stride + h * g * d;
       float* oh = op + (b * n_q + h * g) * d;
       scores.resize(g * L);
+      if constexpr (std::is_same_v<T, at::Half>) {
+        if (wide && attend_avx512_half(reinterpret_cast<const uint16_t*>(keys), reinterpret_cast<const uint16_t*>(values), slots, L, qh, g, d,
+                                       oh, scores.data()))
+          continue;
+      }
       for (int64_t l = 0; l < L; ++l) {
         if (l + AHEAD < L) {
           prefetch_row(keys + slots[l + AHEAD] * d, d);
@@ -135,8 +147,10 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const a
   });
 }
 
+// level: the quantized matmul's (serve/worker/native.py); from 2 (AVX-512) on, a float16 cache with
+// 64-value heads takes attention_avx512.cpp.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& req_to_token,
-                            const at::Tensor& rows, const at::Tensor& lens) {
+                            const at::Tensor& rows, const at::Tensor& lens, int64_t level) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
               "q must be a float32 CPU tensor [B, n_q, d], rows contiguous");
   TORCH_CHECK(rows.numel() == q.size(0) && lens.numel() == q.size(0), "decode_attention: one row and one length per query");
@@ -145,8 +159,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const 
   TORCH_CHECK(rows.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "rows and lens must be int64");
   TORCH_CHECK(cache.size(2) == q.size(2) && q.size(1) % (cache.size(0) / 2) == 0, "decode_attention: head shapes disagree");
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  if (cache.scalar_type() == at::kHalf) decode_attention_impl<at::Half>(q, cache, req_to_token, rows, lens, out);
-  else decode_attention_impl<float>(q, cache, req_to_token, rows, lens, out);
+  const bool wide = level >= 2 && qgemm_runs(2);
+  if (cache.scalar_type() == at::kHalf) decode_attention_impl<at::Half>(q, cache, req_to_token, rows, lens, out, wide);
+  else decode_attention_impl<float>(q, cache, req_to_token, rows, lens, out, wide);
   return out;
 }
 
