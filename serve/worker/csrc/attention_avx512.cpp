@@ -18,6 +18,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 
+#include "exp_lanes.h"  // after the target: its template is compiled for AVX-512 here
+
 namespace serve_native {
 namespace {
 
@@ -55,21 +57,9 @@ inline __m512 reduce16(const __m512* v) {
   return _mm512_permutexvar_ps(order, u);
 }
 
-inline __m512 exp16(__m512 x) {  // common.h's exp8 at 16 lanes: the same polynomial and rounding
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
+SERVE_FLOAT_LANES(Lanes16, __m512, _mm512, 512, _mm512_roundscale_ps);  // AVX-512's 16 floats
+
+inline __m512 exp16(__m512 x) { return exp_lanes<Lanes16>(x); }  // common.h's exp8 at 16 lanes
 
 template <int G>
 void attend(const uint16_t* keys, const uint16_t* values, const int64_t* slots, int64_t L, const float* qh, float* oh, float* scores) {

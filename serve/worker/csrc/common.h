@@ -16,6 +16,8 @@
 #include <cmath>
 #include <vector>
 
+#include "exp_lanes.h"
+
 namespace serve_native {
 
 // fn(begin, end) over [0, n) in chunks of `grain`, taken from a shared counter by ATen's threads. Five
@@ -33,6 +35,12 @@ void parallel_chunks(int64_t n, int64_t grain, const F& fn) {
   });
 }
 
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -41,21 +49,9 @@ inline float hsum(__m256 v) {
 }
 
 // exp(x) for 8 floats: Cephes' range reduction and polynomial, ~1 ulp on the range softmax and SiLU use.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+SERVE_FLOAT_LANES(Lanes8, __m256, _mm256, 256, _mm256_round_ps);  // AVX2's 8 floats, for exp_lanes.h
+
+inline __m256 exp8(__m256 x) { return exp_lanes<Lanes8>(x); }
 
 // 8 floats from a float32 or a float16 (engine.kv_cache_dtype) array.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }

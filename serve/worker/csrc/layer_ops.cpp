@@ -115,10 +115,14 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const a
       }
       for (int64_t j = 0; j < g; ++j) {
         float* s = scores.data() + j * L;
-        float mx = s[0];
-        for (int64_t l = 1; l < L; ++l) mx = std::max(mx, s[l]);
-        __m256 mv = _mm256_set1_ps(mx), sum8 = _mm256_setzero_ps();
+        // The largest score 8 lanes at a time: a scalar max is one dependent chain of L steps.
+        __m256 mx8 = _mm256_set1_ps(-INFINITY);
         int64_t l = 0;
+        for (; l + 8 <= L; l += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + l));
+        float mx = hmax(mx8);
+        for (; l < L; ++l) mx = std::max(mx, s[l]);
+        __m256 mv = _mm256_set1_ps(mx), sum8 = _mm256_setzero_ps();
+        l = 0;
         for (; l + 8 <= L; l += 8) {
           __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), mv));
           _mm256_storeu_ps(s + l, e);
