@@ -102,7 +102,9 @@ class Sampler:
         for s in states:
             s.produced += 1
         greedy = [p.temperature <= 0 for p in params]
-        if not any(greedy):
+        if not states:  # a step of prompt chunks that samples nothing (torch.stack below needs a row)
+            ids = torch.empty(0, dtype=torch.int64, device=x.device)
+        elif not any(greedy):
             ids = self._draw(x, states)
         else:
             ids = self.argmax(x if x.is_contiguous() else x.contiguous())
