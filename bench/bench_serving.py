@@ -127,7 +127,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8"])
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "float32"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "float32", "int8"])
     p.add_argument("--no-cpu-kernels", action="store_true", help="plain torch ops (the engine before serve/worker/csrc/)")
     p.add_argument("--concurrency", default="1,8,16,32,64")
     p.add_argument("--max-tokens", type=int, default=128)

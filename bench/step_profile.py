@@ -106,14 +106,14 @@ def step_bytes(model, engine, B: int) -> int:
     return weights + B * (PROMPT + 24) * kv_per_token
 
 
-def profile(info, B: int, n: int) -> dict:
+def profile(info, B: int, n: int, kv_cache_dtype: str = "auto") -> dict:
     from serve.device import place
     from serve.worker.engine import Engine
     from serve.worker.model import Model
     from serve.worker.offline import OfflineRunner
 
     placement = place(0, "auto", "auto", gguf=info.gguf_file is not None)
-    model = Model(info.hf_dir, 0, 1, placement.dtype, placement.device, gguf=info.gguf_file)
+    model = Model(info.hf_dir, 0, 1, placement.dtype, placement.device, gguf=info.gguf_file, kv_cache_dtype=kv_cache_dtype)
     max_len = PROMPT + 4 * n + 64
     engine = Engine(model, B * max_len, B, max_len, kv_dtype=model.formats.kv)
     runner = OfflineRunner(engine, max_len)
@@ -126,7 +126,8 @@ def profile(info, B: int, n: int) -> dict:
     one_op = loose[-1]
     parts["Python and dispatch (one op at a time)"] = round(one_op - sum(parts.values()), 3)
     return {"step_ms": round(whole, 3), "one_op_at_a_time_ms": round(one_op, 3), "parts_ms": parts,
-            "bytes": step_bytes(model, engine, B), "describe": model.describe()}
+            "bytes": step_bytes(model, engine, B), "describe": model.describe(model.formats.kv),
+            "kv_dtype": str(model.formats.kv).removeprefix("torch.")}
 
 
 def served_itl(B: int) -> float:
@@ -143,6 +144,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--no-served", action="store_true", help="skip the served runs (the ZeroMQ/HTTP column)")
+    p.add_argument("--kv-cache-dtype", help="the in-process engine's KV cache (default: the config's engine.kv_cache_dtype)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "step_profile.json"))
     args = p.parse_args()
     import torch
@@ -152,7 +154,10 @@ def main() -> None:
 
     from serve.worker import native
 
+    from serve.config import load_config
+
     info = model_info()
+    kv = args.kv_cache_dtype or load_config(CONFIG).engine.kv_cache_dtype
     batches = [int(b) for b in args.batches.split(",")]
     # The served runs first: this process's own threads, once it has run a model, slowed the server's
     # 32-stream steps by tens of percent here.
@@ -160,14 +165,15 @@ def main() -> None:
     bandwidth = read_bandwidth_gbs(native.load())
     report = {"cpu_isa": isa.chosen(), "read_bandwidth_gbs": round(bandwidth, 1), "batches": {}}
     for B in batches:
-        r = profile(info, B, args.steps)
+        r = profile(info, B, args.steps, kv)
         r["limit_ms"] = round(r["bytes"] / bandwidth / 1e6, 3)
         if B in served:
             r["served_itl_ms"] = served[B]
         report["batches"][str(B)] = r
         print(json.dumps({B: r}), flush=True)
     kinds = ["matmuls", "attention", "small ops", "sampling", "Python and dispatch (one op at a time)"]
-    print(f"\nread bandwidth (our matmul, one row, 2 threads): {report['read_bandwidth_gbs']} GB/s; kernels at {report['cpu_isa']}")
+    print(f"\nread bandwidth (our matmul, one row, 2 threads): {report['read_bandwidth_gbs']} GB/s; kernels at {report['cpu_isa']}; "
+          f"KV cache {report['batches'][str(batches[0])]['kv_dtype']}")
     print("| streams | step (ms) | " + " | ".join(kinds) + " | served ITL p50 (ms) | bytes read per step | bandwidth limit (ms) |")
     print("|---|---|" + "---|" * len(kinds) + "---|---|---|")
     for B, r in report["batches"].items():

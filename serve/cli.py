@@ -29,8 +29,8 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--chunked-prefill-tokens", type=int, help="per-step token budget with chunked prefill (0: off)")
     launch.add_argument("--no-prefix-cache", action="store_const", const=False, dest="prefix_cache", help="recompute every prompt")
     launch.add_argument("--no-overlap", action="store_const", const=False, dest="overlap", help="plan each step only after the last one ends")
-    launch.add_argument("--kv-cache-dtype", choices=["auto", "float16", "float32"],
-                        help="auto: float16 on a CPU, except for the float32 reference")
+    launch.add_argument("--kv-cache-dtype", choices=["auto", "float16", "float32", "int8"],
+                        help="auto: float16 on a CPU, except for the float32 reference; int8: a scale per token and head")
     launch.add_argument("--no-cpu-kernels", action="store_const", const=False, dest="cpu_kernels", help="plain torch ops instead of our CPU kernels")
     launch.add_argument("--cpu-isa", choices=["auto", *LEVELS], help="cap the CPU instruction set our kernels and oneDNN use (auto: the best here)")
     launch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -198,8 +198,8 @@ def validate(config: Config) -> None:
     if config.model.quantization == "int8" and config.model.dtype not in ("auto", "float32"):
         raise ConfigError(f"model.quantization: int8 runs its activations in float32, so it needs dtype auto or float32, "
                           f"not {config.model.dtype}; pass --dtype auto, or --quantization none to keep {config.model.dtype}")
-    if config.engine.kv_cache_dtype not in ("auto", "float16", "float32"):
-        raise ConfigError(f"engine.kv_cache_dtype must be auto, float16 or float32, got {config.engine.kv_cache_dtype!r}")
+    if config.engine.kv_cache_dtype not in ("auto", "float16", "float32", "int8"):
+        raise ConfigError(f"engine.kv_cache_dtype must be auto, float16, float32 or int8, got {config.engine.kv_cache_dtype!r}")
     if config.model.chat_template and not Path(config.model.chat_template).is_file():
         raise ConfigError(f"model.chat_template: no such file {config.model.chat_template}")
     try:

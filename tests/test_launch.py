@@ -119,21 +119,26 @@ HALF = "float32" if KERNELS else "bfloat16"
     (["--quantization", "int8", "--dtype", "float32", "--kv-cache-dtype", "float16", "--chunked-prefill-tokens", "16"], "float32", "Q8_0"),
     # The kernels of an AVX2-only CPU, on whatever CPU this is.
     (["--quantization", "int8", "--cpu-isa", "avx2"], "float32", "Q8_0"),
-], ids=["bfloat16", "float16-f16kv", "auto", "float32-f32kv", "int8", "int8-f16kv-chunked", "int8-avx2"])
+    # An int8 KV cache, through our kernels and through plain torch ops (as on CUDA).
+    (["--quantization", "int8", "--kv-cache-dtype", "int8"], "float32", "Q8_0"),
+    (["--dtype", "float32", "--kv-cache-dtype", "int8", "--no-cpu-kernels"], "float32", "float32"),
+], ids=["bfloat16", "float16-f16kv", "auto", "float32-f32kv", "int8", "int8-f16kv-chunked", "int8-avx2", "int8-int8kv", "torch-int8kv"])
 def test_every_dtype_serves(tiny_model, flags, dtype, weights):
     # What a user picks in the config is what the worker runs (its banner line says so), and it answers.
-    if "int8" in flags and not KERNELS:
+    int8 = "--quantization" in flags and flags[flags.index("--quantization") + 1] == "int8"
+    if int8 and not KERNELS:
         pytest.skip("int8 runs on our CPU kernels, which this CPU cannot run")
     with Server("--model", str(tiny_model), "--served-name", TINY_NAME, *flags) as server:
         worker_line = next(line for line in server.read_log().splitlines() if "serve:worker-0" in line)
         assert f"dtype={dtype}" in worker_line and f"weights={weights}:" in worker_line
-        if "int8" in flags:
+        if int8:
             assert "quantization=int8" in worker_line and "matmul=qgemm-" in worker_line
         if "--cpu-isa" in flags:
             assert "isa=avx2" in worker_line and "matmul=qgemm-avx2" in worker_line
         if "--kv-cache-dtype" in flags:
             assert f"kv_dtype={flags[flags.index('--kv-cache-dtype') + 1]}" in worker_line
-        for prompt in ("Once upon a time", "Once upon a time, " * 12):
+        # The long prompt's one chunk goes through SDPA (engine.NATIVE_PREFILL_TOKENS), the others through decode attention.
+        for prompt in ("Once upon a time", "Once upon a time, " * 12, "Once upon a time, " * 60):
             reply = server.client().completions.create(model=TINY_NAME, prompt=prompt, max_tokens=8, temperature=0,
                                                        extra_body={"ignore_eos": True})
             assert reply.usage.completion_tokens == 8 and reply.choices[0].text

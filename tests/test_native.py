@@ -19,6 +19,7 @@ from gguf.quants import dequantize, quantize
 
 from serve import isa
 from serve.worker import native
+from serve.worker.ops import from_cache_rows, to_cache_rows
 from tests.tiny_gguf import T, raw_blocks
 
 pytestmark = pytest.mark.skipif(not native.cpu_supported(), reason="this CPU has no AVX2/FMA; the kernels are not used here")
@@ -126,15 +127,16 @@ def reference_attention(q, cache, table, rows, lens):
     return out.view(q.shape[0], -1)
 
 
-# Every level this CPU runs: from avx512 on, a float16 cache with 64-value heads takes
+# Every level this CPU runs: from avx512 on, a float16 or int8 cache with 64-value heads takes
 # csrc/attention_avx512.cpp (groups of 1 to 4 query heads), everything else the AVX2 loop.
 @pytest.mark.parametrize("level", LEVELS, ids=[native.KERNEL_NAMES[n] for n in LEVELS])
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 @pytest.mark.parametrize("n_q,n_kv,d", [(9, 3, 64), (4, 4, 64), (8, 2, 64), (16, 4, 64), (4, 4, 32), (8, 2, 40)])
 def test_decode_attention_reads_scattered_slots(k, n_q, n_kv, d, cache_dtype, level):
     g = torch.Generator().manual_seed(n_q)
     pool, max_len = 500, 200
-    cache = torch.randn(2 * n_kv, pool, d, generator=g).to(cache_dtype)  # float16: engine.kv_cache_dtype
+    # engine.kv_cache_dtype: float16 rounded, int8 rows of values and their scale (ops.to_cache_rows)
+    cache = to_cache_rows(torch.randn(2 * n_kv, pool, d, generator=g), cache_dtype)
     table = torch.randint(0, pool, (6, max_len), generator=g)
     # A length 1, a full row, lengths on and either side of the 16 keys scored together.
     rows, lens = torch.tensor([4, 0, 5, 2, 1, 3]), torch.tensor([1, 7, 200, 33, 16, 17])
@@ -142,17 +144,26 @@ def test_decode_attention_reads_scattered_slots(k, n_q, n_kv, d, cache_dtype, le
     qkv = torch.randn(6, n_q + 2 * n_kv, d, generator=g) * 0.3
     q = qkv[:, :n_q]
     got = k.decode_attention(q, cache, table, rows, lens, level).view(6, -1)
-    assert (got - reference_attention(q, cache.float(), table, rows, lens)).abs().max().item() < 1e-5
+    assert (got - reference_attention(q, from_cache_rows(cache, d, torch.float32), table, rows, lens)).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_an_int8_cache_row_holds_its_values_to_half_a_step():
+    x = torch.randn(50, 64) * torch.logspace(-3, 2, 50)[:, None]
+    x[7] = 0  # an all-zero row keeps a zero scale, not a NaN
+    back = from_cache_rows(to_cache_rows(x, torch.int8), 64, torch.float32)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert ((back - x).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert torch.equal(back[7], torch.zeros(64))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 def test_rope_store_rotates_and_writes_the_cache(k, cache_dtype):
     g = torch.Generator().manual_seed(1)
     T, n_q, n_kv, d, pool = 5, 6, 2, 16, 40
     qkv = torch.randn(T, n_q + 2 * n_kv, d, generator=g)
     angles = torch.randn(T, d // 2, generator=g)
     rope = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [T, d/2, 2]
-    cache = torch.zeros(2 * n_kv, pool, d, dtype=cache_dtype)
+    cache = torch.zeros(2 * n_kv, pool, d + 4 if cache_dtype == torch.int8 else d, dtype=cache_dtype)
     slots = torch.tensor([3, 39, 0, 17, 8])
     before = qkv.clone()
     k.rope_store(qkv, rope, cache, slots, n_q, 0.125)  # and the queries scaled, as for quantized weights
@@ -161,8 +172,9 @@ def test_rope_store_rotates_and_writes_the_cache(k, cache_dtype):
     rotated[:, :n_q] *= 0.125
     assert (qkv[:, :n_q + n_kv] - rotated).abs().max().item() < 1e-5
     assert torch.equal(qkv[:, n_q + n_kv:], before[:, n_q + n_kv:])  # values untouched
-    assert torch.equal(cache[:n_kv, slots].transpose(0, 1), qkv[:, n_q:n_q + n_kv].to(cache_dtype))
-    assert torch.equal(cache[n_kv:, slots].transpose(0, 1), qkv[:, n_q + n_kv:].to(cache_dtype))
+    # The same bytes as the torch form writes (int8: the same rounding, the same scale).
+    assert torch.equal(cache[:n_kv, slots].transpose(0, 1), to_cache_rows(qkv[:, n_q:n_q + n_kv], cache_dtype))
+    assert torch.equal(cache[n_kv:, slots].transpose(0, 1), to_cache_rows(qkv[:, n_q + n_kv:], cache_dtype))
     untouched = torch.ones(pool, dtype=torch.bool)
     untouched[slots] = False
     assert cache[:, untouched].abs().sum().item() == 0

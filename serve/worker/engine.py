@@ -12,6 +12,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from serve.messages import Logprobs, StepPlan
 from serve.worker.model import AttentionMeta, DecodeView, Model, PrefillView
+from serve.worker.ops import kv_row_width
 from serve.worker.sampler import Sampler
 
 
@@ -30,10 +31,12 @@ class Engine:
         # Per layer: keys then values, head-major (see AttentionMeta).
         # Written through once now (zero_ touches every page: ~1.1 s for 755 MB here), so that the worker's
         # resident memory is its whole size from the start and any later growth is a leak.
-        self.kv_cache = [torch.empty(2 * model.n_kv, pool_tokens, d, device=dev, dtype=dt).zero_() for _ in model.layers]
-        self.kv_buf = torch.empty(0, d, device=dev, dtype=dt)
+        # An int8 cache's rows carry their scale (kv_row_width, serve/worker/ops.py).
+        row = kv_row_width(d, dt)
+        self.kv_cache = [torch.empty(2 * model.n_kv, pool_tokens, row, device=dev, dtype=dt).zero_() for _ in model.layers]
+        self.kv_buf = torch.empty(0, row, device=dev, dtype=dt)
         self.req_to_token = torch.zeros(max_rows, max_len, dtype=torch.int64, device=dev)
-        # Row offset of each K/V head in a layer's cache viewed as [2kv*pool, d].
+        # Row offset of each K/V head in a layer's cache viewed as [2kv*pool, row].
         self.head_base = torch.arange(2 * model.n_kv, dtype=torch.int64, device=dev)[:, None] * pool_tokens
         self.sampler = Sampler(dev, model.args.vocab_size, list(eos_ids), model.kernels)
         self.last_token = torch.zeros(max_rows, dtype=torch.int64, device=dev)  # per row, for -1 placeholders

@@ -24,7 +24,7 @@ from serve import isa
 from serve.worker import native
 from serve.worker.formats import resolve
 from serve.worker.linear import Embedding, Linears, QuantEmbedding, QuantLinear
-from serve.worker.ops import NativeOps, TorchOps
+from serve.worker.ops import NativeOps, TorchOps, from_cache_rows
 from serve.worker.weights import GGUFWeights, QuantRows, SafetensorsWeights
 
 
@@ -102,17 +102,18 @@ def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
 class DecodeView:
     """The requests of a step that have one new token each (decodes), which come first in the batch.
 
-    A layer's KV cache is [2 * kv_heads, pool_tokens, head_dim]: keys then values, head-major, so that
+    A layer's KV cache is [2 * kv_heads, pool_tokens, row]: keys then values, head-major, so that
     the gathered K/V of one head is contiguous in L (measured: attention over it runs ~2x faster than
-    over the token-major [pool, heads, d] layout).
+    over the token-major [pool, heads, d] layout). A row is head_dim values, plus their scale in an int8
+    cache (serve/worker/ops.py).
     """
 
     rows: torch.Tensor  # [B] request rows
     B: int
     L: int  # keys per request, padded to the longest
     # TorchOps gathers every request's K/V into a padded copy:
-    gather: torch.Tensor | None = None  # [2*kv * B*L] rows of the cache viewed as [2*kv*pool, d]: every head of every request's sequence
-    kv_buf: torch.Tensor | None = None  # [2*kv * B*L, d] scratch the gather writes into (reused, so big gathers don't fault in fresh pages)
+    gather: torch.Tensor | None = None  # [2*kv * B*L] rows of the cache viewed as [2*kv*pool, row]: every head of every request's sequence
+    kv_buf: torch.Tensor | None = None  # [2*kv * B*L, row] scratch the gather writes into (reused, so big gathers don't fault in fresh pages)
     bias: torch.Tensor | None = None  # [kv*B, 1, L] additive, -inf on other requests' padding; None if there is none
     # NativeOps reads the cache in place:
     table: torch.Tensor | None = None  # the engine's req_to_token [rows, max_len]: slot of each position
@@ -291,11 +292,11 @@ class Model:
             native_bf16 = "amx" if isa.at_least(self.isa, "amx") else "native" if isa.native_bf16(self.isa) else "emulated"
             paths.append(f"onednn-bf16-{native_bf16}" if self.device.type == "cpu" and "bfloat16" in used else "torch")
         # RoPE, norms and SiLU: our AVX2 kernels at every level (they are not where the time goes); decode
-        # attention on AVX-512 from that level on (a fifth of a 32-stream step), for float16 caches of
-        # 64-value heads (csrc/attention_avx512.cpp).
+        # attention on AVX-512 from that level on (a fifth of a 32-stream step), for float16 and int8
+        # caches of 64-value heads (csrc/attention_avx512.cpp).
         ops = "torch"
         if self.ops.native:
-            wide = self.linears.level >= native.KERNEL_LEVEL["avx512"] and kv_dtype == torch.float16 and self.args.head_dim == 64
+            wide = self.linears.level >= native.KERNEL_LEVEL["avx512"] and kv_dtype in (torch.float16, torch.int8) and self.args.head_dim == 64
             ops = "native-avx2" + ("+attention-avx512" if wide else "") + ("+one-call" if self.fused is not None else "")
         return {"quantization": mode, "weights": weights, "matmul": "+".join(paths), "ops": ops, "isa": self.isa or "none"}
 
@@ -378,7 +379,8 @@ class Model:
         if pre is not None:
             # Prompts: SDPA over each request's keys (cached prefix included), padded to the longest.
             B, L, N = pre.B, pre.L, pre.N
-            kv = torch.index_select(cache.view(-1, d), 0, pre.gather, out=pre.kv_buf).view(2 * n_kv, B, L, d).to(q.dtype)
+            rows = torch.index_select(cache.view(-1, cache.shape[2]), 0, pre.gather, out=pre.kv_buf)
+            kv = from_cache_rows(rows, d, q.dtype).view(2 * n_kv, B, L, d)
             rest = q[dec.B:] if dec is not None else q
             if pre.q_index is not None:
                 rest = rest.index_select(0, pre.q_index)

@@ -17,6 +17,34 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from serve.worker.model import DecodeView
 
+# An int8 cache row (engine.kv_cache_dtype: int8) is one head's d values of one token as int8, then their
+# scale as 4 bytes of float32: value i is row[i] * scale, scale = the row's largest magnitude / 127. Half a
+# float16 cache's bytes, which is what decode attention at many streams waits for. csrc/common.h's
+# kv_quantize writes the same bytes.
+KV_SCALE_BYTES = 4
+
+
+def kv_row_width(d: int, dtype: torch.dtype) -> int:
+    """Elements per cache row for heads of d values."""
+    return d + KV_SCALE_BYTES if dtype == torch.int8 else d
+
+
+def to_cache_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values [..., d] as a cache of `dtype` stores them."""
+    if dtype != torch.int8:
+        return x.to(dtype)
+    x = x.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.cat([torch.round(x * inv).to(torch.int8), (amax / 127.0).view(torch.int8)], dim=-1)
+
+
+def from_cache_rows(rows: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """Cache rows [..., row] back to keys or values [..., d] in `dtype`."""
+    if rows.dtype != torch.int8:
+        return rows.to(dtype)
+    return (rows[..., :d].float() * rows[..., d:].contiguous().view(torch.float32)).to(dtype)
+
 
 class TorchOps:
     native = False
@@ -51,7 +79,7 @@ class TorchOps:
             torch.mul(torch.view_as_complex(pairs), rope, out=torch.view_as_complex(pairs))
         else:
             torch.addcmul(qk * rope[0], pairs.flip(-1).flatten(-2), rope[1], out=qk)  # flip copies: no aliasing
-        cache.index_copy_(1, slots, qkv[:, n_q:].transpose(0, 1).to(cache.dtype))
+        cache.index_copy_(1, slots, to_cache_rows(qkv[:, n_q:].transpose(0, 1), cache.dtype))
 
     def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, dec: DecodeView) -> torch.Tensor:
         """q [B, n_q, d] (pre-scaled) against each request's cached keys and values -> [B, n_q * d].
@@ -61,7 +89,8 @@ class TorchOps:
         query blocks), and no slower at batch 1."""
         B, n_q, d = q.shape
         n_kv, L = cache.shape[0] // 2, dec.L
-        kv = torch.index_select(cache.view(-1, d), 0, dec.gather, out=dec.kv_buf).view(2 * n_kv, B, L, d).to(q.dtype)
+        rows = torch.index_select(cache.view(-1, cache.shape[2]), 0, dec.gather, out=dec.kv_buf)
+        kv = from_cache_rows(rows, d, q.dtype).view(2 * n_kv, B, L, d)
         g = n_q // n_kv
         qg = q.reshape(B, n_kv, g, d).transpose(0, 1).reshape(n_kv * B, g, d)
         keys, values = kv[:n_kv].view(n_kv * B, L, d), kv[n_kv:].view(n_kv * B, L, d)

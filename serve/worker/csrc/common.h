@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "exp_lanes.h"
@@ -53,9 +55,54 @@ SERVE_FLOAT_LANES(Lanes8, __m256, _mm256, 256, _mm256_round_ps);  // AVX2's 8 fl
 
 inline __m256 exp8(__m256 x) { return exp_lanes<Lanes8>(x); }
 
-// 8 floats from a float32 or a float16 (engine.kv_cache_dtype) array.
+// 8 floats from a float32, float16 or int8 (engine.kv_cache_dtype) array.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))); }
+
+// ---- the int8 KV cache (engine.kv_cache_dtype: int8) -----------------------------------------------
+// A row is one head's d values of one token as int8, then their scale as a float32 (d + 4 bytes): value
+// i is row[i] * scale, scale = the row's largest magnitude / 127, as serve/worker/ops.py's torch form
+// quantizes it. Attention applies the scales once per key (to its score) and once per value (to its
+// weight), never per element.
+constexpr int64_t KV_SCALE_BYTES = 4;
+
+// Elements per cache row, of a cache of T holding d-value heads.
+template <typename T>
+constexpr int64_t kv_row(int64_t d) {
+  return std::is_same_v<T, int8_t> ? d + KV_SCALE_BYTES : d;
+}
+
+// The scale of a row (1 for float caches, whose rows hold the values themselves).
+template <typename T>
+inline float kv_scale(const T* row, int64_t d) {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    float s;
+    std::memcpy(&s, row + d, sizeof s);
+    return s;
+  } else {
+    return 1.f;
+  }
+}
+
+// d floats -> a cache row of int8 values and their scale. Rounds to nearest even, as torch.round.
+inline void kv_quantize(const float* x, int64_t d, int8_t* row) {
+  __m256 mx = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+  float amax = hmax(mx);
+  for (; i < d; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= d; i += 8) {
+    const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv));  // MXCSR: nearest even
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(row + i), _mm_packs_epi16(w, w));
+  }
+  for (; i < d; ++i) row[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+  std::memcpy(row + d, &scale, sizeof scale);
+}
 
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
@@ -80,9 +127,12 @@ inline void axpy(float p, const T* x, float* y, int64_t n) {
   for (; k < n; ++k) y[k] += p * static_cast<float>(x[k]);
 }
 
-inline void check_cache(const at::Tensor& cache) {
-  TORCH_CHECK(cache.device().is_cpu() && cache.is_contiguous() && (cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kHalf),
-              "cache must be a contiguous float32 or float16 CPU tensor");
+// A layer's cache [2 * n_kv, pool, row] for heads of d values: row d for float32 and float16, d + 4 for int8.
+inline void check_cache(const at::Tensor& cache, int64_t d) {
+  const auto t = cache.scalar_type();
+  TORCH_CHECK(cache.device().is_cpu() && cache.is_contiguous() && cache.dim() == 3 && (t == at::kFloat || t == at::kHalf || t == at::kChar),
+              "cache must be a contiguous float32, float16 or int8 CPU tensor [2 * kv heads, pool, row]");
+  TORCH_CHECK(cache.size(2) == (t == at::kChar ? kv_row<int8_t>(d) : d), "cache rows do not match the head size");
 }
 
 inline void check_f32(const at::Tensor& t, const char* name) {

@@ -29,9 +29,13 @@ namespace serve_native {
 // values 16 ahead (and 12-13 ms against 15 with no prefetch at all, on an older version).
 constexpr int64_t AHEAD = 16;
 
+// Every cache line of a row of n elements (an int8 row of 68 bytes may straddle two).
 template <typename T>
-inline void prefetch_row(const T* p, int64_t d) {
-  for (int64_t o = 0; o < d * static_cast<int64_t>(sizeof(T)); o += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + o, _MM_HINT_T0);
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+  _mm_prefetch(c + bytes - 1, _MM_HINT_T0);
 }
 
 // out[j] = sum over l of p[j][l] * V[l] for JN query heads, 32 columns at a time: JN * 4 accumulators,
@@ -39,12 +43,13 @@ inline void prefetch_row(const T* p, int64_t d) {
 // the stack on every key).
 template <int JN, typename T>
 inline void weighted_values(const float* p, int64_t L, const int64_t* slots, const T* values, int64_t d, float* out) {
+  const int64_t row = kv_row<T>(d);
   for (int64_t c = 0; c < d; c += 32) {
     __m256 acc[JN][4];
     for (int j = 0; j < JN; ++j)
       for (int i = 0; i < 4; ++i) acc[j][i] = _mm256_setzero_ps();
     for (int64_t l = 0; l < L; ++l) {
-      const T* v = values + slots[l] * d + c;
+      const T* v = values + slots[l] * row + c;
       __m256 pj[JN];
       for (int j = 0; j < JN; ++j) pj[j] = _mm256_set1_ps(p[j * L + l]);
       for (int i = 0; i < 4; ++i) {
@@ -58,19 +63,22 @@ inline void weighted_values(const float* p, int64_t L, const int64_t* slots, con
 }
 
 bool qgemm_runs(int64_t level);  // qlinear.cpp
-// attention_avx512.cpp: one task on AVX-512 (float16 cache, 64-value heads); false where it does not apply.
+// attention_avx512.cpp: one task on AVX-512 (float16 or int8 cache, 64-value heads); false where it does
+// not apply.
 bool attend_avx512_half(const uint16_t* keys, const uint16_t* values, const int64_t* slots, int64_t L, const float* qh, int64_t g,
+                        int64_t d, float* oh, float* scores);
+bool attend_avx512_int8(const int8_t* keys, const int8_t* values, const int64_t* slots, int64_t L, const float* qh, int64_t g,
                         int64_t d, float* oh, float* scores);
 
 template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& req_to_token,
                            const at::Tensor& rows, const at::Tensor& lens, const at::Tensor& out, bool wide) {
   const int64_t B = q.size(0), n_q = q.size(1), d = q.size(2);
-  const int64_t n_kv = cache.size(0) / 2, pool = cache.size(1), max_len = req_to_token.size(1);
+  const int64_t n_kv = cache.size(0) / 2, pool = cache.size(1), max_len = req_to_token.size(1), row_n = kv_row<T>(d);
   const int64_t g = n_q / n_kv;
   const float* qp = q.data_ptr<float>();
   const int64_t q_stride = q.stride(0);
-  const T* cp = cache.data_ptr<T>();
+  const T* cp = static_cast<const T*>(cache.data_ptr());
   const int64_t* table = req_to_token.data_ptr<int64_t>();
   const auto rows_c = rows.contiguous(), lens_c = lens.contiguous();  // held: their data outlive the loop
   const int64_t* row = rows_c.data_ptr<int64_t>();
@@ -84,8 +92,8 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const a
       TORCH_CHECK(L >= 1 && L <= max_len && row[b] >= 0 && row[b] < table_rows, "decode_attention: row or length out of range");
       const int64_t* slots = table + row[b] * max_len;
       for (int64_t l = 0; l < L; ++l) TORCH_CHECK(slots[l] >= 0 && slots[l] < pool, "decode_attention: slot out of range");
-      const T* keys = cp + h * pool * d;
-      const T* values = cp + (n_kv + h) * pool * d;
+      const T* keys = cp + h * pool * row_n;
+      const T* values = cp + (n_kv + h) * pool * row_n;
       const float* qh = qp + b * q_stride + h * g * d;
       float* oh = op + (b * n_q + h * g) * d;
       scores.resize(g * L);
@@ -93,13 +101,16 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const a
         if (wide && attend_avx512_half(reinterpret_cast<const uint16_t*>(keys), reinterpret_cast<const uint16_t*>(values), slots, L, qh, g, d,
                                        oh, scores.data()))
           continue;
+      } else if constexpr (std::is_same_v<T, int8_t>) {
+        if (wide && attend_avx512_int8(keys, values, slots, L, qh, g, d, oh, scores.data())) continue;
       }
       for (int64_t l = 0; l < L; ++l) {
         if (l + AHEAD < L) {
-          prefetch_row(keys + slots[l + AHEAD] * d, d);
-          prefetch_row(values + slots[l + AHEAD] * d, d);
+          prefetch_row(keys + slots[l + AHEAD] * row_n, row_n);
+          prefetch_row(values + slots[l + AHEAD] * row_n, row_n);
         }
-        const T* k = keys + slots[l] * d;
+        const T* k = keys + slots[l] * row_n;
+        const float ks = kv_scale(k, d);
         if (d == 64) {  // the common head size: the key row widened once into registers
           __m256 kv[8];
           for (int i = 0; i < 8; ++i) kv[i] = load8(k + 8 * i);
@@ -107,10 +118,10 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const a
             const float* qj = qh + j * d;
             __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qj), kv[0]);
             for (int i = 1; i < 8; ++i) a = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 8 * i), kv[i], a);
-            scores[j * L + l] = hsum(a);
+            scores[j * L + l] = hsum(a) * ks;
           }
         } else {
-          for (int64_t j = 0; j < g; ++j) scores[j * L + l] = dot(qh + j * d, k, d);
+          for (int64_t j = 0; j < g; ++j) scores[j * L + l] = dot(qh + j * d, k, d) * ks;
         }
       }
       for (int64_t j = 0; j < g; ++j) {
@@ -132,6 +143,8 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const a
         for (; l < L; ++l) sum += (s[l] = std::exp(s[l] - mx));
         const float inv = 1.f / sum;
         for (l = 0; l < L; ++l) s[l] *= inv;
+        if constexpr (std::is_same_v<T, int8_t>)  // each value row's scale, folded into its weight
+          for (l = 0; l < L; ++l) s[l] *= kv_scale(values + slots[l] * row_n, d);
       }
       if (d % 32 == 0) {
         for (int64_t j = 0; j < g; j += 3) {
@@ -145,26 +158,27 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const a
       } else {
         std::fill(oh, oh + g * d, 0.f);
         for (int64_t j = 0; j < g; ++j)
-          for (int64_t l = 0; l < L; ++l) axpy(scores[j * L + l], values + slots[l] * d, oh + j * d, d);
+          for (int64_t l = 0; l < L; ++l) axpy(scores[j * L + l], values + slots[l] * row_n, oh + j * d, d);
       }
     }
   });
 }
 
-// level: the quantized matmul's (serve/worker/native.py); from 2 (AVX-512) on, a float16 cache with
-// 64-value heads takes attention_avx512.cpp.
+// level: the quantized matmul's (serve/worker/native.py); from 2 (AVX-512) on, a float16 or int8 cache
+// with 64-value heads takes attention_avx512.cpp.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& req_to_token,
                             const at::Tensor& rows, const at::Tensor& lens, int64_t level) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
               "q must be a float32 CPU tensor [B, n_q, d], rows contiguous");
   TORCH_CHECK(rows.numel() == q.size(0) && lens.numel() == q.size(0), "decode_attention: one row and one length per query");
-  check_cache(cache);
+  check_cache(cache, q.size(2));
   TORCH_CHECK(req_to_token.scalar_type() == at::kLong && req_to_token.is_contiguous(), "req_to_token must be contiguous int64");
   TORCH_CHECK(rows.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "rows and lens must be int64");
-  TORCH_CHECK(cache.size(2) == q.size(2) && q.size(1) % (cache.size(0) / 2) == 0, "decode_attention: head shapes disagree");
+  TORCH_CHECK(q.size(1) % (cache.size(0) / 2) == 0, "decode_attention: head shapes disagree");
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   const bool wide = level >= 2 && qgemm_runs(2);
   if (cache.scalar_type() == at::kHalf) decode_attention_impl<at::Half>(q, cache, req_to_token, rows, lens, out, wide);
+  else if (cache.scalar_type() == at::kChar) decode_attention_impl<int8_t>(q, cache, req_to_token, rows, lens, out, wide);
   else decode_attention_impl<float>(q, cache, req_to_token, rows, lens, out, wide);
   return out;
 }
@@ -173,21 +187,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const 
 // qkv [T, n_q + 2*n_kv, d] in pair layout (see model.pair_layout); rope [T, d/2, 2] cos and sin of each
 // token's position. Rotates the query and key heads in place (the queries also times q_scale: the
 // attention scale, where quantized weights could not take it), then copies keys and values to their
-// slots (rounded to float16 when the cache is: engine.kv_cache_dtype).
+// slots (rounded to float16, or quantized to int8 rows, when the cache is: engine.kv_cache_dtype).
 void rope_store(const at::Tensor& qkv, const at::Tensor& rope, const at::Tensor& cache, const at::Tensor& slots, int64_t n_q,
                 double q_scale) {
   check_f32(qkv, "qkv");
   check_f32(rope, "rope");
-  check_cache(cache);
   TORCH_CHECK(slots.scalar_type() == at::kLong, "slots must be int64");
   const int64_t T = qkv.size(0), heads = qkv.size(1), d = qkv.size(2), n_kv = (heads - n_q) / 2, pool = cache.size(1);
-  TORCH_CHECK(cache.size(0) == 2 * n_kv && cache.size(2) == d && rope.size(0) == T && rope.numel() == T * d && slots.numel() == T,
-              "rope_store: shapes disagree");
+  check_cache(cache, d);
+  TORCH_CHECK(cache.size(0) == 2 * n_kv && rope.size(0) == T && rope.numel() == T * d && slots.numel() == T, "rope_store: shapes disagree");
   float* x = qkv.data_ptr<float>();
   const float* cs = rope.data_ptr<float>();
-  const bool half = cache.scalar_type() == at::kHalf;
-  float* cf = half ? nullptr : cache.data_ptr<float>();
+  const bool half = cache.scalar_type() == at::kHalf, int8 = cache.scalar_type() == at::kChar;
+  float* cf = half || int8 ? nullptr : cache.data_ptr<float>();
   at::Half* ch = half ? cache.data_ptr<at::Half>() : nullptr;
+  int8_t* c8 = int8 ? static_cast<int8_t*>(cache.data_ptr()) : nullptr;
   auto slot_t = slots.contiguous();
   const int64_t* slot = slot_t.data_ptr<int64_t>();
   parallel_chunks(T, 64, [&](int64_t t0, int64_t t1) {
@@ -214,6 +228,10 @@ void rope_store(const at::Tensor& qkv, const at::Tensor& rope, const at::Tensor&
       }
       for (int64_t h = 0; h < 2 * n_kv; ++h) {
         const float* src = x + (t * heads + n_q + h) * d;
+        if (int8) {
+          kv_quantize(src, d, c8 + (h * pool + slot[t]) * kv_row<int8_t>(d));
+          continue;
+        }
         const int64_t at = (h * pool + slot[t]) * d;
         if (!half) {
           std::copy_n(src, d, cf + at);
