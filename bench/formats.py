@@ -27,7 +27,8 @@ from tests.server import Server
 from tests.test_smollm2 import TEXT
 
 FORMATS = {
-    "default (GGUF Q4_1 + Q8_0 blocks, float16 KV)": [],
+    "default (GGUF Q4_1 + Q8_0 blocks, int8 KV)": [],
+    "default with a float16 KV cache": ["--kv-cache-dtype", "float16"],
     "float32 reference (dequantized, float32 KV)": ["--dtype", "float32", "--quantization", "none"],
     "int8 (Q8_0 blocks made from the dequantized weights)": ["--quantization", "int8"],
     "bfloat16 weights (dequantized), float32 activations": ["--dtype", "bfloat16", "--quantization", "none"],

@@ -157,7 +157,7 @@ def test_a_gguf_file_is_served_from_its_blocks(llama, tmp_path):
     with Server("--model", str(path), "--served-name", TINY_NAME) as server:
         worker = next(line for line in server.read_log().splitlines() if "serve:worker-0" in line)
         if native.cpu_supported():
-            assert "quantization=gguf" in worker and "weights=Q4_1:" in worker and "kv_dtype=float16" in worker
+            assert "quantization=gguf" in worker and "weights=Q4_1:" in worker and "kv_dtype=int8" in worker
         reply = server.client().chat.completions.create(model=TINY_NAME, messages=[{"role": "user", "content": "Hello"}],
                                                         max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
         assert reply.usage.completion_tokens == 8 and reply.choices[0].message.content

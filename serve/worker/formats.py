@@ -4,11 +4,11 @@ The settings name a wish (`model.dtype`, `model.quantization`, `engine.kv_cache_
 default); this resolves it for one worker, once, and the banner prints the result. On a CPU with our
 kernels the activations are float32 whatever the weights are (the kernels take float32), and:
 
-| weights on disk | quantization | matrices run as |
-|---|---|---|
-| GGUF | auto | their own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); other formats dequantized, with a warning |
-| any | int8 | int8 blocks of 32 with an fp16 scale each (Q8_0), quantized at load |
-| any | none | float, in `dtype` (auto: bfloat16 where the CPU has native bfloat16 dot products, else float32) |
+| weights on disk | quantization | matrices run as | KV cache (auto) |
+|---|---|---|---|
+| GGUF | auto | their own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); other formats dequantized, with a warning | int8 |
+| any | int8 | int8 blocks of 32 with an fp16 scale each (Q8_0), quantized at load | float16 |
+| any | none | float, in `dtype` (auto: bfloat16 where the CPU has native bfloat16 dot products, else float32) | float32 for float32, else float16 |
 
 `dtype: float32` with `quantization: none` is the exact reference the parity tests compare against
 transformers. On CUDA, and on a CPU without our kernels, everything runs in `dtype` through torch.
@@ -58,8 +58,14 @@ def resolve(dtype: torch.dtype, device: torch.device, quantization: str, gguf: b
         kv = torch.float16
     elif kv_cache_dtype == "float32":
         kv = torch.float32
-    elif on_cpu and (blocks or int8 or dtype != torch.float32):
-        kv = torch.float16  # llama.cpp's default too: half the bytes decode attention reads
+    elif kv_cache_dtype == "int8":
+        kv = torch.int8  # a row per token and head: its values as int8 and their scale (serve/worker/ops.py)
+    elif on_cpu and blocks:
+        # A GGUF run from its own blocks: int8 rows, half float16's bytes again (the default model's
+        # perplexity within 0.3% of float16's; README, "Each format").
+        kv = torch.int8
+    elif on_cpu and (int8 or dtype != torch.float32):
+        kv = torch.float16  # llama.cpp's default: half the bytes decode attention reads
     else:
         kv = compute
     return Formats(compute, dtype, blocks, int8, kv, kernels)
