@@ -104,6 +104,10 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& cache, const a
       } else if constexpr (std::is_same_v<T, int8_t>) {
         if (wide && attend_avx512_int8(keys, values, slots, L, qh, g, d, oh, scores.data())) continue;
       }
+      for (int64_t l = 0; l < L && l < AHEAD; ++l) {  // the rows the loop below does not fetch ahead
+        prefetch_row(keys + slots[l] * row_n, row_n);
+        prefetch_row(values + slots[l] * row_n, row_n);
+      }
       for (int64_t l = 0; l < L; ++l) {
         if (l + AHEAD < L) {
           prefetch_row(keys + slots[l + AHEAD] * row_n, row_n);
