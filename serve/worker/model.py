@@ -102,11 +102,9 @@ def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
 class DecodeView:
     """The requests of a step that have one new token each (decodes), which come first in the batch.
 
-    A layer's KV cache is [2 * kv_heads, pool_tokens, row]: keys then values, head-major, so that
-    the gathered K/V of one head is contiguous in L (measured: attention over it runs ~2x faster than
-    over the token-major [pool, heads, d] layout). A row is head_dim values, plus their scale in an int8
-    cache (serve/worker/ops.py).
-    """
+    A layer's KV cache is [2 * kv_heads, pool_tokens, row] (row: head_dim values, and an int8 cache's
+    scale, ops.py): keys then values, head-major, so that the gathered K/V of one head is contiguous in
+    L (measured: attention over it runs ~2x faster than over the token-major [pool, heads, d] layout)."""
 
     rows: torch.Tensor  # [B] request rows
     B: int
@@ -291,9 +289,8 @@ class Model:
         if "bfloat16" in used or "float16" in used:
             native_bf16 = "amx" if isa.at_least(self.isa, "amx") else "native" if isa.native_bf16(self.isa) else "emulated"
             paths.append(f"onednn-bf16-{native_bf16}" if self.device.type == "cpu" and "bfloat16" in used else "torch")
-        # RoPE, norms and SiLU: our AVX2 kernels at every level (they are not where the time goes); decode
-        # attention on AVX-512 from that level on (a fifth of a 32-stream step), for float16 and int8
-        # caches of 64-value heads (csrc/attention_avx512.cpp).
+        # RoPE, norms and SiLU: our AVX2 kernels at every level (not where the time goes); decode attention
+        # on AVX-512 from that level on, for float16 and int8 caches of 64-value heads (attention_avx512.cpp).
         ops = "torch"
         if self.ops.native:
             wide = self.linears.level >= native.KERNEL_LEVEL["avx512"] and kv_dtype in (torch.float16, torch.int8) and self.args.head_dim == 64
