@@ -112,13 +112,14 @@ class TokenCounter:
         return f"/tokenize ({self.forms[0]})"
 
     async def _count(self, form: str, text: str) -> tuple[int, str]:
-        r = await self.client.post("/tokenize", json={"model": self.model, **self.FORMS[form](text)})
+        async with self.client.post("/tokenize", json={"model": self.model, **self.FORMS[form](text)}) as r:
+            status, body = r.status, await r.read()
         try:
-            tokens = r.json().get("tokens") if r.status_code == 200 else None
-        except ValueError:
+            tokens = json.loads(body).get("tokens") if status == 200 else None
+        except (ValueError, AttributeError):
             tokens = None
         if not isinstance(tokens, list) or not tokens:
-            return 0, f"HTTP {r.status_code}" if r.status_code != 200 else "no tokens"
+            return 0, f"HTTP {status}" if status != 200 else "no tokens"
         return len(tokens), ""
 
     async def __call__(self, text: str) -> int:
