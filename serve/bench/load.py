@@ -8,7 +8,7 @@ prompts.py; this file sends the requests, times them and reports.
 The client is aiohttp on uvloop, as vLLM's `bench serve` sends with aiohttp: it shares the two cores with
 the server it measures, and every CPU second it takes is one the server's workers wait for. At 32 streams
 on a 2-vCPU Xeon httpx on asyncio took 2.25 s of CPU for 128 requests of 128 streamed tokens, aiohttp
-on uvloop 0.86 s, and the server we measured gave 3-5% more tokens/s.
+on uvloop 0.9 s, and the server we measured gave 3-5% more tokens/s.
 """
 
 from __future__ import annotations
