@@ -126,15 +126,18 @@ def test_power_of_two_follows_our_load(replicas):
     async def run() -> tuple[int, int, int]:
         async with httpx.AsyncClient(timeout=300) as http:
             async def long_stream(i: int) -> None:
-                body = {"model": TINY_NAME, "prompt": f"busy {i} " + "the keeper of the light " * 200, "max_tokens": 3000,
+                body = {"model": TINY_NAME, "prompt": f"busy {i} " + "the keeper of the light " * 200, "max_tokens": 4000,
                         "ignore_eos": True, "stream": True}
                 async with http.stream("POST", f"{a.url}/v1/completions", json=body) as r:
                     async for _ in r.aiter_lines():
                         pass
 
-            busy = [asyncio.create_task(long_stream(i)) for i in range(6)]
+            # Two run at a time and the rest wait: 7 rounds of 4,000 tokens (~4 s each) before the queue runs
+            # dry, where the test needs ~10 s; 12 still waited at its end here. With 6 streams of 3,000 tokens
+            # (2 rounds) it ran dry in a suite run on a faster day.
+            busy = [asyncio.create_task(long_stream(i)) for i in range(16)]
             try:
-                while (await http.get(f"{a.url}/v1/loads")).json()["loads"][0]["num_waiting_reqs"] < 4:
+                while (await http.get(f"{a.url}/v1/loads")).json()["loads"][0]["num_waiting_reqs"] < 14:
                     await asyncio.sleep(0.1)
                 with Router([a, b], "power_of_two", "--load-monitor-interval", "1") as router:
                     await asyncio.sleep(2.5)  # the router's load monitor polls /v1/loads every second
