@@ -6,7 +6,7 @@ machine can run (csrc/qlinear.cpp's table), with two threads unless --threads. R
 reach the AMX tiles where the CPU has them (csrc/qgemm_amx.cpp); each level's output is checked to be
 the AVX2 kernel's, bit for bit. Prints a markdown table and saves JSON in bench/results/.
 
-`--zentorch` also times AMD's zentorch (the library the issue names for AVX-512 EPYCs) on the same
+`--zentorch` also times AMD's zentorch (its PyTorch plugin for EPYCs with AVX-512) on the same
 blocks, where it imports: it is not a dependency of ours, so install it beside torch without letting pip
 resolve torch (`.venv/bin/pip install --no-deps zentorch==2.13.0.1 deprecated wrapt`; it is built for
 torch 2.13.0+cpu and needs AVX-512). It has no Q4_1 or Q8_0 block format, so each Q4_1 block is given
@@ -103,38 +103,41 @@ def main() -> None:
             zen[name] = zentorch_ops(raw, qtype, N, K)
     zen_ops = ["dynamic_qlinear", "woq_linear"] if args.zentorch else []
 
+    def one_step(row: dict, column: str, M: int, matmul, check) -> None:
+        """One step's matmuls through matmul(name, x, packed, fmt), each checked by check(name, got, ours)."""
+        layers = 0.0
+        for name, (packed, fmt, N, K) in mats.items():
+            x = torch.randn(M, K)
+            check(name, matmul(name, x, packed, fmt), k.qlinear(x, packed, fmt, None, 0))
+            seconds = timed(lambda: matmul(name, x, packed, fmt), args.runs)
+            if name == "head":
+                row[f"{column}_head_ms"] = seconds * 1e3
+            else:
+                layers += seconds * LAYERS
+        macs = M * (LAYERS * sum(N * K for N, K in SHAPES.values()) + HEAD[0] * HEAD[1])
+        row[f"{column}_layers_ms"] = layers * 1e3
+        row[f"{column}_gmacs"] = macs / (layers + row[f"{column}_head_ms"] / 1e3) / 1e9
+
+    def same_bits(column: str):
+        def check(name, got, ours):
+            assert torch.equal(got, ours), f"{column} differs from avx2 on {name}"
+        return check
+
+    def close(column: str):  # zentorch against our AVX2 kernel: the same blocks, both within int8 rounding
+        def check(name, got, ours):
+            err = ((got.float() - ours).norm() / ours.norm()).item()
+            assert err < 0.05, f"{column} is {err:.3f} away from our kernel on {name}"
+        return check
+
     results = []
     for M in (int(r) for r in args.rows.split(",")):
         row = {"rows": M}
         for level in levels:
-            layers = 0.0
-            for name, (packed, fmt, N, K) in mats.items():
-                x = torch.randn(M, K)
-                got = k.qlinear(x, packed, fmt, None, level)
-                assert torch.equal(got, k.qlinear(x, packed, fmt, None, 0)), f"{names[level]} differs from avx2 on {name}"
-                seconds = timed(lambda: k.qlinear(x, packed, fmt, None, level), args.runs)
-                if name == "head":
-                    row[f"{names[level]}_head_ms"] = seconds * 1e3
-                else:
-                    layers += seconds * LAYERS
-            macs = M * (LAYERS * sum(N * K for N, K in SHAPES.values()) + HEAD[0] * HEAD[1])
-            row[f"{names[level]}_layers_ms"] = layers * 1e3
-            row[f"{names[level]}_gmacs"] = macs / (layers + row[f"{names[level]}_head_ms"] / 1e3) / 1e9
-        for op in zen_ops:  # each checked against our AVX2 kernel: the same blocks, both within int8 rounding
-            layers = 0.0
-            for name, (packed, fmt, N, K) in mats.items():
-                x = torch.randn(M, K)
-                fn = zen[name].get(op, zen[name]["dynamic_qlinear"])
-                ours = k.qlinear(x, packed, fmt, None, 0)
-                err = ((fn(x).float() - ours).norm() / ours.norm()).item()
-                assert err < 0.05, f"zentorch {op} is {err:.3f} away from our kernel on {name}"
-                seconds = timed(lambda: fn(x), args.runs)
-                if name == "head":
-                    row[f"zentorch_{op}_head_ms"] = seconds * 1e3
-                else:
-                    layers += seconds * LAYERS
-            row[f"zentorch_{op}_layers_ms"] = layers * 1e3
-            row[f"zentorch_{op}_gmacs"] = macs / (layers + row[f"zentorch_{op}_head_ms"] / 1e3) / 1e9
+            one_step(row, names[level], M, lambda name, x, packed, fmt: k.qlinear(x, packed, fmt, None, level),
+                     same_bits(names[level]))
+        for op in zen_ops:
+            one_step(row, f"zentorch_{op}", M, lambda name, x, packed, fmt: zen[name].get(op, zen[name]["dynamic_qlinear"])(x),
+                     close(f"zentorch {op}"))
         results.append(row)
         print(row, flush=True)
 
