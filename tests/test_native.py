@@ -8,6 +8,7 @@ and scattered cache slots, where a wrong index would hide in a whole model's noi
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -206,6 +207,61 @@ def test_without_a_compiler_the_model_runs_on_torch_ops(tmp_path, monkeypatch):
     assert out.returncode == 0, out.stderr
     assert "kernels: None" in out.stdout
     assert "CPU kernels unavailable" in out.stderr
+
+
+# Instructions beyond our AVX2 + FMA + F16C floor, and the objects (csrc/*.cpp) whose own functions may
+# hold them: the kernels that run only where dispatch picked them.
+BEYOND_AVX2 = {
+    "AVX-512 (EVEX)": {"qgemm_avx512.o", "qgemm_amx.o", "attention_avx512.o"},
+    "AVX-VNNI": {"qgemm_avx_vnni.o"},
+    "AMX": {"qgemm_amx.o"},
+}
+AMX_OPS = ("ldtilecfg", "sttilecfg", "tilerelease", "tilezero", "tileloadd", "tilestored", "tdpb")
+
+
+def beyond_avx2(raw: str, op: str) -> str | None:
+    """Which set beyond AVX2 one disassembled instruction needs: EVEX starts with 0x62 in 64-bit code
+    (after an optional 0x67), AVX-VNNI is VEX-encoded vpdpbusd/vpdpwssd (objdump: `{vex}`), AMX by name."""
+    first = raw.split()[:2]
+    if first[:1] == ["62"] or first == ["67", "62"]:
+        return "AVX-512 (EVEX)"
+    if op.startswith("{vex} vpdp"):
+        return "AVX-VNNI"
+    if op.startswith(AMX_OPS):
+        return "AMX"
+    return None
+
+
+def test_no_instruction_beyond_avx2_outside_the_dispatched_kernels(k):
+    # SERVE_CPU_ISA=avx2 caps what dispatch picks, but cannot show that an AVX2-only CPU (a Zen 3) never
+    # meets a wider instruction: a helper inlined into an AVX-512 file and merged by the linker with the
+    # AVX2 copy of the same inline function (qgemm_kernels.inc says why it uses no std:: template) would
+    # die there of an illegal instruction and pass everywhere else. So read the built library: every
+    # function that holds an instruction beyond AVX2 must be a strong symbol of one of the objects that
+    # set may appear in.
+    if not (shutil.which("objdump") and shutil.which("nm")):
+        pytest.skip("needs binutils' objdump and nm")
+    folder = os.path.dirname(k.__file__)
+    strong: dict[str, set[str]] = {}
+    for obj in {o for allowed in BEYOND_AVX2.values() for o in allowed}:
+        symbols = subprocess.run(["nm", "-C", "--defined-only", os.path.join(folder, obj)], capture_output=True, text=True, check=True).stdout
+        strong[obj] = {line.split(" ", 2)[2] for line in symbols.splitlines() if line.split(" ")[1:2] in (["t"], ["T"])}
+    listing = subprocess.run(["objdump", "-d", "-C", "--wide", k.__file__], capture_output=True, text=True, check=True).stdout
+    found: dict[str, set[str]] = {kind: set() for kind in BEYOND_AVX2}
+    function = None
+    for line in listing.splitlines():
+        if line.endswith(">:") and " <" in line:
+            function = line[line.index(" <") + 2:-2]
+            continue
+        parts = line.split("\t")
+        if len(parts) == 3 and function is not None:
+            kind = beyond_avx2(parts[1], parts[2].strip())
+            if kind:
+                found[kind].add(function)
+    # The parser sees what the kernel files must hold (this library holds every level, whatever the CPU).
+    assert all(found.values()), {kind: len(names) for kind, names in found.items()}
+    stray = {kind: sorted(f for f in names if not any(f in strong[obj] for obj in BEYOND_AVX2[kind])) for kind, names in found.items()}
+    assert not any(stray.values()), f"instructions an AVX2-only CPU lacks, outside the kernels dispatch picks: {stray}"
 
 
 def test_argmax_rows_is_torchs_first_largest(k):
